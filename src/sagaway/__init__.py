@@ -1,0 +1,61 @@
+"""sagaway: durable sagas for Python microservices.
+
+The public API; everything else is internal unless documented.
+"""
+
+from sagaway.definition.retry import RetryPolicy
+from sagaway.definition.saga import Saga, Step, StepContext, StepKind
+from sagaway.engine.clock import Clock, SystemClock
+from sagaway.engine.listener import Listener, Transition
+from sagaway.engine.runtime import NonRetryableError, Orchestrator, RunHandle
+from sagaway.errors import (
+    DefinitionError,
+    IdempotencyConflict,
+    InvalidPayload,
+    LeaseLost,
+    OrchestratorClosed,
+    PayloadTooLarge,
+    RunNotFound,
+    SagawayError,
+    StoreError,
+    UnknownSaga,
+    WaitTimeout,
+)
+from sagaway.run import HistoryEntry, SagaRun, SagaStatus
+from sagaway.store.base import Store
+from sagaway.store.memory import MemoryStore
+from sagaway.store.sqlite import SQLiteStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Clock",
+    "DefinitionError",
+    "HistoryEntry",
+    "IdempotencyConflict",
+    "InvalidPayload",
+    "LeaseLost",
+    "Listener",
+    "MemoryStore",
+    "NonRetryableError",
+    "Orchestrator",
+    "OrchestratorClosed",
+    "PayloadTooLarge",
+    "RetryPolicy",
+    "RunHandle",
+    "RunNotFound",
+    "SQLiteStore",
+    "Saga",
+    "SagaRun",
+    "SagaStatus",
+    "SagawayError",
+    "Step",
+    "StepContext",
+    "StepKind",
+    "Store",
+    "StoreError",
+    "SystemClock",
+    "Transition",
+    "UnknownSaga",
+    "WaitTimeout",
+]

@@ -1,0 +1,747 @@
+"""The runtime: the Orchestrator that drives saga runs against a store.
+
+Each run this worker holds is driven by one task (an actor): it feeds one event at a time to
+the pure decider, commits the decision (through the group committer) and only then carries
+out the commands: invoke an action, invoke a compensation, arm a timer. Invocations run as
+their own tasks and report back as events, so a run waiting on a slow step holds no thread.
+
+Leases: every run a worker drives is leased to it in the store. One background task renews
+all of this worker's leases in one statement; another polls for runs that are unowned or
+whose lease expired (a worker died) and adopts them. A run started here is adopted at once,
+with no polling on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import functools
+import inspect
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagaway.definition.saga import Saga, StepContext, idempotency_key
+from sagaway.engine.clock import Clock, SystemClock
+from sagaway.engine.committer import GroupCommitter
+from sagaway.engine.decider import decide
+from sagaway.engine.listener import Listener, Transition
+from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
+from sagaway.engine.state import (
+    ActionFailed,
+    ActionSucceeded,
+    CompensationFailed,
+    CompensationSucceeded,
+    Event,
+    InvokeAction,
+    InvokeCompensation,
+    Recover,
+    RunState,
+    Start,
+    TimerFired,
+)
+from sagaway.errors import (
+    DefinitionError,
+    IdempotencyConflict,
+    InvalidPayload,
+    LeaseLost,
+    OrchestratorClosed,
+    RunNotFound,
+    SagawayError,
+    StoreError,
+    UnknownSaga,
+    WaitTimeout,
+)
+from sagaway.run import HistoryEntry, SagaRun, SagaStatus
+from sagaway.store import open_store
+from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
+
+__all__ = ["NonRetryableError", "Orchestrator", "RunHandle"]
+
+log = logging.getLogger("sagaway.engine")
+
+
+class NonRetryableError(Exception):
+    """Raise from a step to fail it at once, without further attempts (a business "no")."""
+
+
+def new_run_id() -> str:
+    """A UUIDv7: time-ordered, so ids sort roughly by start time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64
+    value |= (0b10 << 62) | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(eq=False)
+class _Driver:
+    """A run held by this worker: its state in memory and the task that drives it."""
+
+    run_id: str
+    saga: Saga
+    state: RunState
+    row_version: int
+    input: Any
+    idempotency_key: str | None
+    created_at: float
+    updated_at: float
+    history: builtins.list[HistoryEntry] | None
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.Task[None] | None = None
+    timer_at: float | None = None
+    invocations: set[asyncio.Task[None]] = field(default_factory=set)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    committed: bool = False
+    """Its first write (creation or claim) is durable: the lease is really ours."""
+    claim_seq: int = 0
+    """When it became ours, on this worker's claim counter (see _renew_loop)."""
+    transitions: int = 0
+
+
+class RunHandle:
+    """What ``Orchestrator.start`` returns: the run's id and a way to wait for its end."""
+
+    def __init__(self, orchestrator: Orchestrator, run_id: str, saga: str, *,
+                 created: bool) -> None:
+        self._orch = orchestrator
+        self.id = run_id
+        self.saga = saga
+        self.created = created
+        """False when ``start(key=…)`` found an existing run with that key."""
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.saga} {self.id}>"
+
+    async def wait(self, timeout: float | None = None) -> SagaRun:
+        """Wait until the run finishes; return its final snapshot.
+
+        Raises:
+            WaitTimeout: the run had not finished after ``timeout`` seconds.
+        """
+        return await self._orch.wait(self.id, timeout=timeout)
+
+    async def get(self) -> SagaRun:
+        """The run's current snapshot."""
+        return await self._orch.get(self.id)
+
+
+class Orchestrator:
+    """Runs sagas durably against a store.
+
+    Use as ``async with Orchestrator("sqlite:///sagas.db", sagas=[order]) as orch:``.
+
+    Args:
+        store: a store URL (``sqlite:///sagas.db``, ``memory://``) or a Store object.
+        sagas: the definitions this worker can run; several versions of one name may be
+            registered (``start`` uses the newest; older runs keep their version).
+        lease_seconds: how long a run stays leased to this worker without renewal; after a
+            crash, other workers (or this one restarted) resume the run once it expires.
+        poll_interval: how often to look for runs whose lease expired or that are unowned.
+        max_payload_bytes: the limit for an input or a step result, encoded as JSON.
+        worker_id: this worker's lease owner name (default: host:pid:random).
+        listeners: observers of committed transitions (metrics, tracing, logs).
+        max_threads: threads for synchronous (plain ``def``) steps.
+        max_runs: the most runs this worker drives at once; recovery claims no more.
+        clock: the time source (the testing kit passes a virtual one).
+    """
+
+    def __init__(
+        self,
+        store: str | Store = "sqlite:///sagas.db",
+        *,
+        sagas: Iterable[Saga] = (),
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        worker_id: str | None = None,
+        listeners: Iterable[Listener] = (),
+        max_threads: int = 32,
+        max_runs: int = 100_000,
+        clock: Clock | None = None,
+    ) -> None:
+        if lease_seconds <= 0 or poll_interval <= 0:
+            raise ValueError("lease_seconds and poll_interval must be > 0")
+        self._definitions: dict[tuple[str, int], Saga] = {}
+        self._latest: dict[str, Saga] = {}
+        for saga in sagas:
+            self.register(saga)
+        self.store: Store = open_store(store) if isinstance(store, str) else store
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.max_payload_bytes = max_payload_bytes
+        self.worker_id = worker_id or default_worker_id()
+        self.listeners = list(listeners)
+        self.max_runs = max_runs
+        self.clock: Clock = clock or SystemClock()
+        self._max_threads = max_threads
+        self._threads: ThreadPoolExecutor | None = None
+        self._drivers: dict[str, _Driver] = {}
+        self._committer: GroupCommitter | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._poll_now = asyncio.Event()
+        self._open = False
+        self._claim_seq = 0
+        self._warned_unknown: set[str] = set()
+
+    # -- registration -------------------------------------------------------------------
+
+    def register(self, saga: Saga) -> None:
+        """Register a definition (validated now). Raises DefinitionError."""
+        if not isinstance(saga, Saga):
+            raise DefinitionError(f"sagas must be Saga definitions, got {saga!r}")
+        saga.validate()
+        key = (saga.name, saga.version)
+        if key in self._definitions and self._definitions[key] is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r} version {saga.version} is registered twice; bump the "
+                f"version of the newer definition"
+            )
+        self._definitions[key] = saga
+        latest = self._latest.get(saga.name)
+        if latest is None or saga.version > latest.version:
+            self._latest[saga.name] = saga
+
+    @property
+    def sagas(self) -> list[Saga]:
+        return list(self._definitions.values())
+
+    def definition(self, name: str, version: int | None = None) -> Saga:
+        """The registered definition (newest version unless one is named)."""
+        saga = self._latest.get(name) if version is None else self._definitions.get((name,
+                                                                                     version))
+        if saga is None:
+            known = ", ".join(sorted(self._latest)) or "none"
+            which = name if version is None else f"{name} v{version}"
+            raise UnknownSaga(
+                f"no saga named {which!r} is registered with this orchestrator "
+                f"(registered: {known}); pass it in Orchestrator(..., sagas=[...])"
+            )
+        return saga
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the store, then start recovering runs whose lease expired."""
+        if self._open:
+            return
+        await self.store.open()
+        self._threads = ThreadPoolExecutor(self._max_threads, thread_name_prefix="sagaway-step")
+        self._committer = GroupCommitter(
+            self.store, owner=self.worker_id, lease_seconds=self.lease_seconds
+        )
+        self._committer.start()
+        self._open = True
+        self._background = [
+            asyncio.create_task(self._poll_loop(), name="sagaway-recovery"),
+            asyncio.create_task(self._renew_loop(), name="sagaway-leases"),
+        ]
+
+    async def aclose(self) -> None:
+        """Stop driving runs and release their leases so another worker resumes them at once.
+
+        Attempts in flight are cut; they count as attempts and are re-invoked, with the same
+        idempotency key, by whichever worker resumes the run.
+        """
+        if not self._open:
+            return
+        self._open = False
+        for task in self._background:
+            task.cancel()
+        drivers = list(self._drivers.values())
+        for d in drivers:
+            self._stop_driver(d)
+        await asyncio.gather(*self._background, *(d.task for d in drivers if d.task),
+                             return_exceptions=True)
+        self._background = []
+        if self._committer is not None:
+            await self._committer.aclose()
+            self._committer = None
+        try:
+            await self.store.release_leases(owner=self.worker_id)
+        except StoreError as exc:
+            log.warning("could not release leases on close (they expire in %.0fs): %s",
+                        self.lease_seconds, exc)
+        self._drivers.clear()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
+        await self.store.aclose()
+
+    def _require_open(self) -> GroupCommitter:
+        if not self._open or self._committer is None:
+            raise OrchestratorClosed(
+                "the orchestrator is not open: use `async with Orchestrator(...) as orch:` "
+                "or `await orch.open()`"
+            )
+        return self._committer
+
+    # -- public API -------------------------------------------------------------------------
+
+    async def start(self, saga: str, input: Any = None, *, key: str | None = None) -> RunHandle:
+        """Start a run of the newest registered version of ``saga``.
+
+        With ``key``, starting twice returns the same run; the same key with a different
+        input raises IdempotencyConflict. Nothing is written when this raises.
+
+        Raises:
+            UnknownSaga, InvalidPayload, PayloadTooLarge, IdempotencyConflict.
+        """
+        committer = self._require_open()
+        definition = self.definition(saga)
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
+            raise InvalidPayload("key must be a non-empty string of at most 512 characters")
+        plain, text = encode(input, what=f"the input of saga {saga!r}",
+                             limit=self.max_payload_bytes)
+        run_id = new_run_id()
+        now = self.clock.now()
+        decision = decide(definition, run_id, RunState(), Start(now))
+        new = NewRun(
+            id=run_id,
+            saga=definition.name,
+            version=definition.version,
+            status=decision.state.status,
+            input_json=text,
+            input_hash=fingerprint(text),
+            state=decision.state.to_json(),
+            idempotency_key=key,
+            wake_at=decision.state.wake_at,
+            now=now,
+            history=decision.history,
+        )
+        # Registered before the write, so a lease renewal racing the creation never takes
+        # this run for an orphan.
+        driver = _Driver(run_id, definition, decision.state, 1, plain, key, now, now,
+                         list(decision.history))
+        self._drivers[run_id] = driver
+        try:
+            created = await committer.create(new)
+        except BaseException:
+            self._drivers.pop(run_id, None)
+            raise
+        if not created.created:
+            self._drivers.pop(run_id, None)
+            existing = created.record
+            if existing.input_hash != new.input_hash:
+                raise IdempotencyConflict(
+                    f"key {key!r} already started run {existing.id} of saga {saga!r} with a "
+                    f"different input; use a new key for a new run",
+                    run_id=existing.id,
+                    key=key or "",
+                )
+            return RunHandle(self, existing.id, existing.saga, created=False)
+        self._claim_seq += 1
+        driver.claim_seq = self._claim_seq
+        driver.committed = True
+        driver.transitions = 1
+        self._notify(driver, decision.history)
+        driver.task = asyncio.create_task(self._drive(driver, decision.commands),
+                                          name=f"sagaway-run-{run_id}")
+        return RunHandle(self, run_id, definition.name, created=True)
+
+    async def get(self, run_id: str) -> SagaRun:
+        """A snapshot of one run, from the store. Raises RunNotFound."""
+        record = await self.store.get_run(run_id, history=True)
+        if record is None:
+            raise RunNotFound(f"no saga run with id {run_id!r} in {self.store.url}")
+        return self._snapshot(record)
+
+    async def list(
+        self,
+        *,
+        status: SagaStatus | Iterable[SagaStatus] | None = None,
+        saga: str | None = None,
+        limit: int = 100,
+    ) -> list[SagaRun]:
+        """Runs newest first, without their history (use ``get`` for a timeline)."""
+        statuses = [status] if isinstance(status, SagaStatus) else (
+            None if status is None else list(status))
+        records = await self.store.list_runs(status=statuses, saga=saga, limit=limit)
+        return [self._snapshot(r) for r in records]
+
+    async def wait(self, run_id: str, *, timeout: float | None = None) -> SagaRun:
+        """Wait until a run finishes (driven here or by any other worker)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            driver = self._drivers.get(run_id)
+            if driver is not None and driver.done.is_set() and driver.history is not None:
+                return self._snapshot_from_driver(driver)
+            if driver is None:
+                snap = await self.get(run_id)
+                if snap.finished:
+                    return snap
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise WaitTimeout(f"run {run_id} did not finish within {timeout}s")
+            step = self.poll_interval if remaining is None else min(self.poll_interval,
+                                                                    remaining)
+            if driver is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(driver.done.wait(), step)
+                if driver.done.is_set() and driver.history is None:
+                    snap = await self.get(run_id)
+                    if snap.finished:
+                        return snap
+            else:
+                await asyncio.sleep(min(step, 0.1))
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def _snapshot(self, record: RunRecord) -> SagaRun:
+        state = RunState.from_json(record.state) if record.state else RunState()
+        error = record.error
+        if record.status.finished is False and (record.saga, record.version) not in \
+                self._definitions:
+            error = (
+                f"saga {record.saga!r} version {record.version} is not registered in this "
+                f"worker, so it cannot drive this run; deploy a worker that registers it"
+            )
+        return SagaRun(
+            id=record.id,
+            saga=record.saga,
+            version=record.version,
+            status=record.status,
+            input=record.input,
+            results=state.results,
+            error=error,
+            history=tuple(record.history or ()),
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            idempotency_key=record.idempotency_key,
+            steps={k: v.to_json() for k, v in state.steps.items()},
+            owner=record.owner,
+            lease_expires=record.lease_expires,
+            wake_at=record.wake_at,
+        )
+
+    def _snapshot_from_driver(self, d: _Driver) -> SagaRun:
+        return SagaRun(
+            id=d.run_id,
+            saga=d.saga.name,
+            version=d.saga.version,
+            status=d.state.status,
+            input=d.input,
+            results=d.state.results,
+            error=d.state.error,
+            history=tuple(d.history or ()),
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+            idempotency_key=d.idempotency_key,
+            steps={k: v.to_json() for k, v in d.state.steps.items()},
+            wake_at=d.state.wake_at,
+        )
+
+    # -- driving a run ----------------------------------------------------------------------
+
+    async def _drive(self, d: _Driver, commands: builtins.list[Any]) -> None:
+        try:
+            self._execute(d, commands)
+            while not d.state.status.finished:
+                event = await d.events.get()
+                decision = decide(d.saga, d.run_id, d.state, event)
+                if not decision.history:
+                    continue
+                await self._commit(d, decision.state, decision.history)
+                self._execute(d, decision.commands)
+        except LeaseLost:
+            log.warning("run %s: another worker took it over; this worker stops driving it",
+                        d.run_id)
+            for listener in self.listeners:
+                with contextlib.suppress(Exception):
+                    listener.on_lease_lost(d.run_id)
+            self._abandon(d)
+        except StoreError as exc:
+            log.error("run %s: store error, releasing it for recovery: %s", d.run_id, exc)
+            self._abandon(d)
+            with contextlib.suppress(Exception):
+                await self.store.release_leases(owner=self.worker_id, run_ids=[d.run_id])
+        except OrchestratorClosed:
+            self._abandon(d)
+        except asyncio.CancelledError:
+            self._abandon(d)
+            raise
+        else:
+            self._cancel_timer(d)
+            d.done.set()
+            # Finished runs are kept briefly so wait() can read them from memory.
+            asyncio.get_running_loop().call_later(
+                max(self.poll_interval, 5.0), self._forget, d
+            )
+
+    async def _commit(self, d: _Driver, state: RunState,
+                      history: builtins.list[HistoryEntry]) -> None:
+        committer = self._require_open()
+        now = history[-1].at if history else self.clock.now()
+        ok = await committer.update(
+            RunUpdate(
+                run_id=d.run_id,
+                expected_version=d.row_version,
+                status=state.status,
+                state=state.to_json(),
+                error=state.error,
+                wake_at=state.wake_at,
+                now=now,
+                history=history,
+                release=state.status.finished,
+            )
+        )
+        if not ok:
+            raise LeaseLost(f"run {d.run_id} was taken over by another worker")
+        d.row_version += 1
+        d.state = state
+        d.updated_at = now
+        if d.history is not None:
+            d.history.extend(history)
+        d.transitions += 1
+        self._notify(d, history)
+
+    def _notify(self, d: _Driver, history: builtins.list[HistoryEntry]) -> None:
+        if not self.listeners:
+            return
+        transition = Transition(d.run_id, d.saga.name, d.saga.version, d.state.status,
+                                tuple(history), d.transitions)
+        for listener in self.listeners:
+            try:
+                listener.on_transition(transition)
+            except Exception:
+                log.exception("listener %r failed on run %s", listener, d.run_id)
+
+    def _execute(self, d: _Driver, commands: builtins.list[Any]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, InvokeAction):
+                coro = self._invoke_action(d, cmd)
+            elif isinstance(cmd, InvokeCompensation):
+                coro = self._invoke_compensation(d, cmd)
+            else:  # pragma: no cover - the decider emits only these
+                raise AssertionError(f"unknown command {cmd!r}")
+            task = asyncio.create_task(coro)
+            d.invocations.add(task)
+            task.add_done_callback(d.invocations.discard)
+        self._arm_timer(d)
+
+    def _arm_timer(self, d: _Driver) -> None:
+        wake_at = d.state.wake_at
+        if wake_at == d.timer_at and d.timer is not None and not d.timer.done():
+            return
+        self._cancel_timer(d)
+        if wake_at is None or d.state.status.finished:
+            return
+
+        async def fire() -> None:
+            await self.clock.sleep(wake_at - self.clock.now())
+            d.timer_at = None
+            d.events.put_nowait(TimerFired(max(self.clock.now(), wake_at)))
+
+        d.timer_at = wake_at
+        d.timer = asyncio.create_task(fire())
+
+    @staticmethod
+    def _cancel_timer(d: _Driver) -> None:
+        if d.timer is not None:
+            d.timer.cancel()
+        d.timer = None
+        d.timer_at = None
+
+    def _stop_driver(self, d: _Driver) -> None:
+        self._cancel_timer(d)
+        for task in list(d.invocations):
+            task.cancel()
+        if d.task is not None and not d.task.done():
+            d.task.cancel()
+
+    def _abandon(self, d: _Driver) -> None:
+        self._cancel_timer(d)
+        for task in list(d.invocations):
+            task.cancel()
+        if self._drivers.get(d.run_id) is d:
+            del self._drivers[d.run_id]
+        d.done.set()
+
+    def _forget(self, d: _Driver) -> None:
+        if self._drivers.get(d.run_id) is d:
+            del self._drivers[d.run_id]
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
+        if self._threads is None:
+            raise OrchestratorClosed("the orchestrator is closed")
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._threads, functools.partial(fn, *args))
+        if asyncio.iscoroutine(result):  # a plain def that returned a coroutine
+            return await result
+        return result
+
+    def _context(self, d: _Driver, step: str, attempt: int, *, compensating: bool
+                 ) -> StepContext:
+        return StepContext(
+            run_id=d.run_id,
+            saga=d.saga.name,
+            step=step,
+            attempt=attempt,
+            idempotency_key=idempotency_key(d.run_id, step, compensation=compensating),
+            results=d.state.results,
+            input=d.input,
+            compensating=compensating,
+        )
+
+    async def _invoke_action(self, d: _Driver, cmd: InvokeAction) -> None:
+        step = d.saga[cmd.step]
+        ctx = self._context(d, step.name, cmd.attempt, compensating=False)
+        event: Event
+        try:
+            async with asyncio.timeout(step.timeout):
+                result = await self._call(step.action, ctx, d.input)
+        except TimeoutError:
+            event = ActionFailed(step.name, cmd.attempt,
+                                 f"timed out after {step.timeout}s (may have taken effect)",
+                                 self.clock.now(), retryable=True, maybe_applied=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            retryable = not (isinstance(exc, NonRetryableError | SagawayError)
+                             or step.retry.is_non_retryable(exc))
+            event = ActionFailed(step.name, cmd.attempt, _describe(exc), self.clock.now(),
+                                 retryable=retryable)
+        else:
+            try:
+                plain, _ = encode(result, what=f"the result of step {step.name!r}",
+                                  limit=self.max_payload_bytes)
+            except InvalidPayload as exc:
+                # The action ran, so its effect may stand: fail it as possibly applied.
+                event = ActionFailed(step.name, cmd.attempt, str(exc), self.clock.now(),
+                                     retryable=False, maybe_applied=True)
+            else:
+                event = ActionSucceeded(step.name, cmd.attempt, plain, self.clock.now())
+        d.events.put_nowait(event)
+
+    async def _invoke_compensation(self, d: _Driver, cmd: InvokeCompensation) -> None:
+        step = d.saga[cmd.step]
+        fn = step.compensation_fn
+        assert fn is not None
+        ctx = self._context(d, step.name, cmd.attempt, compensating=True)
+        state = d.state.steps.get(step.name)
+        result = d.state.results.get(step.name) if state is not None else None
+        event: Event
+        try:
+            async with asyncio.timeout(step.compensation_timeout):
+                await self._call(fn, ctx, d.input, result)
+        except TimeoutError:
+            event = CompensationFailed(step.name, cmd.attempt,
+                                       f"timed out after {step.compensation_timeout}s",
+                                       self.clock.now())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            retryable = not step.compensation_retry.is_non_retryable(exc)
+            event = CompensationFailed(step.name, cmd.attempt, _describe(exc),
+                                       self.clock.now(), retryable=retryable)
+        else:
+            event = CompensationSucceeded(step.name, cmd.attempt, self.clock.now())
+        d.events.put_nowait(event)
+
+    # -- recovery and leases ----------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self._claim_due()
+            except StoreError as exc:
+                log.warning("recovery poll failed, retrying in %.1fs: %s",
+                            self.poll_interval, exc)
+            except Exception:
+                log.exception("recovery poll crashed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), self.poll_interval)
+            self._poll_now.clear()
+
+    async def _claim_due(self) -> None:
+        capacity = self.max_runs - len(self._drivers)
+        if capacity <= 0 or not self._open:
+            return
+        records = await self.store.claim_due(
+            owner=self.worker_id,
+            lease_seconds=self.lease_seconds,
+            limit=min(capacity, 500),
+            definitions=list(self._definitions),
+        )
+        for record in records:
+            self._adopt(record)
+
+    def _adopt(self, record: RunRecord) -> None:
+        old = self._drivers.get(record.id)
+        if old is not None:
+            # Our own lease expired (renewal stalled) and we claimed the run again: the old
+            # driver is fenced by the new row version, so replace it.
+            self._stop_driver(old)
+        saga = self._definitions[(record.saga, record.version)]
+        d = _Driver(
+            run_id=record.id,
+            saga=saga,
+            state=RunState.from_json(record.state),
+            row_version=record.row_version,
+            input=record.input,
+            idempotency_key=record.idempotency_key,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            history=None,
+            committed=True,
+            claim_seq=self._claim_seq + 1,
+        )
+        self._claim_seq += 1
+        self._drivers[record.id] = d
+        log.info("run %s (%s v%s): resuming from %s", record.id, record.saga, record.version,
+                 record.status.value)
+        d.events.put_nowait(Recover(self.clock.now()))
+        d.task = asyncio.create_task(self._drive(d, []), name=f"sagaway-run-{record.id}")
+
+    async def _renew_loop(self) -> None:
+        interval = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            seq = self._claim_seq
+            try:
+                held = await self.store.renew_leases(owner=self.worker_id,
+                                                     lease_seconds=self.lease_seconds)
+            except StoreError as exc:
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            # Drivers whose lease is gone: another worker has the run. Only runs that were
+            # ours before the renewal was sent count; later claims are not in its answer.
+            lost = [d for rid, d in self._drivers.items()
+                    if rid not in held and d.committed and d.claim_seq <= seq
+                    and not d.done.is_set() and not d.state.status.finished]
+            for d in lost:
+                log.warning("run %s: lease lost; stopping", d.run_id)
+                self._stop_driver(d)
+                self._abandon(d)
+            # Leases held with no driver (a driver that hit a store error): let them go.
+            orphans = held - set(self._drivers)
+            if orphans:
+                with contextlib.suppress(StoreError):
+                    await self.store.release_leases(owner=self.worker_id, run_ids=orphans)
+                self._poll_now.set()

@@ -1,0 +1,184 @@
+"""The store port: the handful of primitives every saga-log backend implements.
+
+Policy (retries, ordering, batching, timers) lives above this port, in the engine. A backend
+only has to make each primitive atomic and durable:
+
+* ``commit`` applies a batch of run creations and fenced run updates in **one transaction**
+  (group commit). Each update is conditional on the run's row version and on this worker
+  owning the lease; a fenced update is reported, not raised, so one stale run cannot fail a
+  batch carrying other runs' transitions.
+* ``claim_due`` hands unowned or lease-expired active runs to a worker, stamping the lease
+  with the *store's* clock.
+* ``renew_leases`` / ``release_leases`` keep or drop a worker's claims in one statement.
+
+Every backend passes ``sagaway.testing.conformance``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagaway.run import HistoryEntry, SagaStatus
+
+__all__ = [
+    "BatchResult",
+    "CreateResult",
+    "NewRun",
+    "RunRecord",
+    "RunUpdate",
+    "Store",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as stored. ``state`` is the decider's state document (JSON data)."""
+
+    id: str
+    saga: str
+    version: int
+    status: SagaStatus
+    input: Any
+    state: dict[str, Any]
+    error: str | None
+    idempotency_key: str | None
+    input_hash: str
+    owner: str | None
+    lease_expires: float | None
+    wake_at: float | None
+    row_version: int
+    created_at: float
+    updated_at: float
+    history: list[HistoryEntry] | None = None
+    """Filled only by ``get_run(..., history=True)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """Create a run (already started: its first intents are in ``state`` and ``history``)."""
+
+    id: str
+    saga: str
+    version: int
+    status: SagaStatus
+    input_json: str
+    input_hash: str
+    state: dict[str, Any]
+    idempotency_key: str | None
+    wake_at: float | None
+    now: float
+    history: Sequence[HistoryEntry] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunUpdate:
+    """A fenced transition: applied only if the row is at ``expected_version`` and owned."""
+
+    run_id: str
+    expected_version: int
+    status: SagaStatus
+    state: dict[str, Any]
+    error: str | None
+    wake_at: float | None
+    now: float
+    history: Sequence[HistoryEntry] = ()
+    release: bool = False
+    """Drop the lease with this write (the run finished)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    record: RunRecord
+    created: bool
+    """False when a run with the same (saga, idempotency_key) already existed."""
+
+
+@dataclass(slots=True)
+class BatchResult:
+    created: list[CreateResult] = field(default_factory=list)
+    updated: list[bool] = field(default_factory=list)
+    """Per update: True if applied, False if fenced (version moved or lease taken)."""
+
+
+class Store(abc.ABC):
+    """A saga log. Async; safe to share between the tasks of one event loop."""
+
+    url: str = ""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply migrations. Idempotent."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+    @abc.abstractmethod
+    async def now(self) -> float:
+        """The store's clock (seconds since the epoch), the one leases are stamped with."""
+
+    @abc.abstractmethod
+    async def commit(
+        self,
+        creates: Sequence[NewRun],
+        updates: Sequence[RunUpdate],
+        *,
+        owner: str,
+        lease_seconds: float,
+    ) -> BatchResult:
+        """Apply creations and fenced updates in one durable transaction.
+
+        Created runs are leased to ``owner``. A creation whose (saga, key) exists returns the
+        existing run with ``created=False``. Applied updates bump the row version by one.
+        """
+
+    @abc.abstractmethod
+    async def claim_due(
+        self,
+        *,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        definitions: Collection[tuple[str, int]],
+    ) -> list[RunRecord]:
+        """Lease up to ``limit`` active runs that are unowned or whose lease expired.
+
+        Only runs whose (saga, version) is in ``definitions`` are claimed, so a worker never
+        takes a run it cannot drive. Claiming bumps the row version (fencing the old owner).
+        """
+
+    @abc.abstractmethod
+    async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
+        """Extend every active lease ``owner`` holds; return the ids of those runs."""
+
+    @abc.abstractmethod
+    async def release_leases(self, *, owner: str, run_ids: Collection[str] | None = None) -> None:
+        """Give up ``owner``'s leases (all, or those runs) so other workers claim them at once."""
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
+        """One run, with its history if asked."""
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        *,
+        status: Collection[SagaStatus] | None = None,
+        saga: str | None = None,
+        limit: int = 100,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunRecord]:
+        """Runs newest first (by created_at, then id), optionally filtered.
+
+        ``before`` is a cursor: the (created_at, id) of the last run of the previous page.
+        """
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,192 @@
+"""MemoryStore: the saga log in a dict. For tests and users' own unit tests.
+
+It keeps documents as JSON text, exactly as a database would, so nothing a caller holds can
+alias stored state, and it passes the same conformance suite as the durable backends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+
+from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
+from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass(slots=True)
+class _Row:
+    record: RunRecord
+    state_json: str
+    history: list[str] = field(default_factory=list)
+
+
+class MemoryStore(Store):
+    """An in-process saga log. Not durable: a crash loses it.
+
+    Args:
+        clock: the store's clock (seconds since the epoch); the testing kit passes a
+            virtual clock here.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.url = "memory://"
+        self._clock = clock
+        self._rows: dict[str, _Row] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def now(self) -> float:
+        return self._clock()
+
+    def _load(self, row: _Row, *, history: bool = False) -> RunRecord:
+        return replace(
+            row.record,
+            state=json.loads(row.state_json),
+            input=json.loads(json.dumps(row.record.input)),
+            history=[HistoryEntry.from_json(json.loads(h)) for h in row.history]
+            if history
+            else None,
+        )
+
+    async def commit(
+        self,
+        creates: Sequence[NewRun],
+        updates: Sequence[RunUpdate],
+        *,
+        owner: str,
+        lease_seconds: float,
+    ) -> BatchResult:
+        now = self._clock()
+        result = BatchResult()
+        for new in creates:
+            if new.idempotency_key is not None:
+                existing = self._keys.get((new.saga, new.idempotency_key))
+                if existing is not None:
+                    result.created.append(CreateResult(self._load(self._rows[existing]), False))
+                    continue
+            record = RunRecord(
+                id=new.id,
+                saga=new.saga,
+                version=new.version,
+                status=new.status,
+                input=json.loads(new.input_json),
+                state={},
+                error=None,
+                idempotency_key=new.idempotency_key,
+                input_hash=new.input_hash,
+                owner=owner,
+                lease_expires=now + lease_seconds,
+                wake_at=new.wake_at,
+                row_version=1,
+                created_at=new.now,
+                updated_at=new.now,
+            )
+            history = [json.dumps(h.to_json()) for h in new.history]
+            row = _Row(record, json.dumps(new.state), history)
+            self._rows[new.id] = row
+            if new.idempotency_key is not None:
+                self._keys[(new.saga, new.idempotency_key)] = new.id
+            result.created.append(CreateResult(self._load(row), True))
+        for upd in updates:
+            current = self._rows.get(upd.run_id)
+            if (
+                current is None
+                or current.record.row_version != upd.expected_version
+                or current.record.owner != owner
+            ):
+                result.updated.append(False)
+                continue
+            row = current
+            row.record = replace(
+                row.record,
+                status=upd.status,
+                error=upd.error,
+                wake_at=upd.wake_at,
+                row_version=row.record.row_version + 1,
+                updated_at=upd.now,
+                owner=None if upd.release else row.record.owner,
+                lease_expires=None if upd.release else row.record.lease_expires,
+            )
+            row.state_json = json.dumps(upd.state)
+            row.history.extend(json.dumps(h.to_json()) for h in upd.history)
+            result.updated.append(True)
+        return result
+
+    async def claim_due(
+        self,
+        *,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        definitions: Collection[tuple[str, int]],
+    ) -> list[RunRecord]:
+        now = self._clock()
+        wanted = set(definitions)
+        claimed: list[RunRecord] = []
+        for row in sorted(self._rows.values(), key=lambda r: (r.record.wake_at or 0.0)):
+            if len(claimed) >= limit:
+                break
+            rec = row.record
+            if rec.status not in ACTIVE_STATUSES or (rec.saga, rec.version) not in wanted:
+                continue
+            if rec.owner is not None and rec.lease_expires is not None and rec.lease_expires > now:
+                continue
+            row.record = replace(
+                rec, owner=owner, lease_expires=now + lease_seconds, row_version=rec.row_version + 1
+            )
+            claimed.append(self._load(row))
+        return claimed
+
+    async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
+        now = self._clock()
+        held: set[str] = set()
+        for row in self._rows.values():
+            if row.record.owner == owner and row.record.status in ACTIVE_STATUSES:
+                row.record = replace(row.record, lease_expires=now + lease_seconds)
+                held.add(row.record.id)
+        return held
+
+    async def release_leases(self, *, owner: str, run_ids: Collection[str] | None = None) -> None:
+        ids = set(run_ids) if run_ids is not None else None
+        for row in self._rows.values():
+            if row.record.owner == owner and (ids is None or row.record.id in ids):
+                row.record = replace(row.record, owner=None, lease_expires=None)
+
+    async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
+        row = self._rows.get(run_id)
+        return None if row is None else self._load(row, history=history)
+
+    async def list_runs(
+        self,
+        *,
+        status: Collection[SagaStatus] | None = None,
+        saga: str | None = None,
+        limit: int = 100,
+        before: tuple[float, str] | None = None,
+    ) -> list[RunRecord]:
+        rows = sorted(
+            self._rows.values(), key=lambda r: (r.record.created_at, r.record.id), reverse=True
+        )
+        statuses = set(status) if status is not None else None
+        out: list[RunRecord] = []
+        for row in rows:
+            rec = row.record
+            if statuses is not None and rec.status not in statuses:
+                continue
+            if saga is not None and rec.saga != saga:
+                continue
+            if before is not None and (rec.created_at, rec.id) >= before:
+                continue
+            out.append(self._load(row))
+            if len(out) >= limit:
+                break
+        return out

@@ -1,0 +1,39 @@
+-- The saga log: one row per run (its state document and queryable metadata) and the
+-- append-only history of its transitions.
+CREATE TABLE sagaway_runs (
+    id              TEXT PRIMARY KEY,
+    saga            TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    input           TEXT NOT NULL,
+    input_hash      TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    error           TEXT,
+    idempotency_key TEXT,
+    owner           TEXT,
+    lease_expires   REAL,
+    wake_at         REAL,
+    row_version     INTEGER NOT NULL,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+
+CREATE UNIQUE INDEX sagaway_runs_key ON sagaway_runs (saga, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX sagaway_runs_active ON sagaway_runs (status, lease_expires)
+    WHERE status IN ('PENDING', 'RUNNING', 'COMPENSATING');
+CREATE INDEX sagaway_runs_owner ON sagaway_runs (owner) WHERE owner IS NOT NULL;
+CREATE INDEX sagaway_runs_created ON sagaway_runs (created_at, id);
+CREATE INDEX sagaway_runs_status_created ON sagaway_runs (status, created_at, id);
+
+CREATE TABLE sagaway_history (
+    id      INTEGER PRIMARY KEY,
+    run_id  TEXT NOT NULL,
+    at      REAL NOT NULL,
+    kind    TEXT NOT NULL,
+    step    TEXT,
+    attempt INTEGER,
+    data    TEXT
+);
+
+CREATE INDEX sagaway_history_run ON sagaway_history (run_id, id);
