@@ -17,7 +17,11 @@ __all__ = ["open_store"]
 
 
 def open_store(url: str) -> Store:
-    """Build (not yet open) the store a URL names: ``memory://``, ``sqlite:///path.db``."""
+    """Build (not yet open) the store a URL names.
+
+    ``memory://``, ``sqlite:///path.db``, ``postgresql://user@host/db`` (needs the
+    ``[postgres]`` extra; the error says how to install it when it is missing).
+    """
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "memory":
         from sagaway.store.memory import MemoryStore
@@ -27,6 +31,11 @@ def open_store(url: str) -> Store:
         from sagaway.store.sqlite import SQLiteStore
 
         return SQLiteStore.from_url(url)
+    if scheme in ("postgresql", "postgres"):
+        from sagaway.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise StoreError(
-        f"unknown store URL {url!r}: use memory:// or sqlite:///path/to/sagas.db"
+        f"unknown store URL {url!r}: use memory://, sqlite:///path/to/sagas.db or "
+        f"postgresql://user@host/db"
     )

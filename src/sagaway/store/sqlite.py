@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.migrations import migration_files
 
 __all__ = ["SQLiteStore"]
 
@@ -159,19 +159,14 @@ class SQLiteStore(Store):
                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM sagaway_migrations")}
-            folder = resources.files("sagaway.store.migrations.sqlite")
-            for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-                if not entry.name.endswith(".sql"):
-                    continue
-                version = int(entry.name.split("_", 1)[0])
+            for version, name, sql in migration_files("sqlite"):
                 if version in done:
                     continue
-                for statement in entry.read_text().split(";"):
+                for statement in sql.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(
-                    "INSERT INTO sagaway_migrations VALUES (?, ?, ?)",
-                    (version, entry.name, time.time()),
+                    "INSERT INTO sagaway_migrations VALUES (?, ?, ?)", (version, name, time.time())
                 )
             conn.execute("COMMIT")
         except BaseException:

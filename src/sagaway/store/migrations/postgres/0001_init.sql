@@ -1,0 +1,40 @@
+-- The saga log: one row per run (its state document and queryable metadata) and the
+-- append-only history of its transitions. Times are seconds since the epoch (double
+-- precision), stamped with the database clock for leases.
+CREATE TABLE IF NOT EXISTS sagaway_runs (
+    id              TEXT PRIMARY KEY,
+    saga            TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    input           JSONB NOT NULL,
+    input_hash      TEXT NOT NULL,
+    state           JSONB NOT NULL,
+    error           TEXT,
+    idempotency_key TEXT,
+    owner           TEXT,
+    lease_expires   DOUBLE PRECISION,
+    wake_at         DOUBLE PRECISION,
+    row_version     BIGINT NOT NULL,
+    created_at      DOUBLE PRECISION NOT NULL,
+    updated_at      DOUBLE PRECISION NOT NULL
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS sagaway_runs_key ON sagaway_runs (saga, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sagaway_runs_active ON sagaway_runs (lease_expires)
+    WHERE status IN ('PENDING', 'RUNNING', 'COMPENSATING');
+CREATE INDEX IF NOT EXISTS sagaway_runs_owner ON sagaway_runs (owner) WHERE owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sagaway_runs_created ON sagaway_runs (created_at, id);
+CREATE INDEX IF NOT EXISTS sagaway_runs_status_created ON sagaway_runs (status, created_at, id);
+
+CREATE TABLE IF NOT EXISTS sagaway_history (
+    id      BIGSERIAL PRIMARY KEY,
+    run_id  TEXT NOT NULL,
+    at      DOUBLE PRECISION NOT NULL,
+    kind    TEXT NOT NULL,
+    step    TEXT,
+    attempt INTEGER,
+    data    JSONB
+);
+
+CREATE INDEX IF NOT EXISTS sagaway_history_run ON sagaway_history (run_id, id);
