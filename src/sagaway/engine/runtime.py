@@ -161,6 +161,9 @@ class Orchestrator:
         max_threads: threads for synchronous (plain ``def``) steps.
         max_runs: the most runs this worker drives at once; recovery claims no more.
         clock: the time source (the testing kit passes a virtual one).
+        worker: False makes this a client: ``start`` only records the run (PENDING,
+            unowned) and the worker processes sharing the store drive it; nothing is
+            claimed or recovered here. For API services that start sagas.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class Orchestrator:
         max_threads: int = 32,
         max_runs: int = 100_000,
         clock: Clock | None = None,
+        worker: bool = True,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
@@ -191,6 +195,7 @@ class Orchestrator:
         self.listeners = list(listeners)
         self.max_runs = max_runs
         self.clock: Clock = clock or SystemClock()
+        self.worker = worker
         self._max_threads = max_threads
         self._threads: ThreadPoolExecutor | None = None
         self._drivers: dict[str, _Driver] = {}
@@ -256,10 +261,11 @@ class Orchestrator:
         )
         self._committer.start()
         self._open = True
-        self._background = [
-            asyncio.create_task(self._poll_loop(), name="sagaway-recovery"),
-            asyncio.create_task(self._renew_loop(), name="sagaway-leases"),
-        ]
+        if self.worker:
+            self._background = [
+                asyncio.create_task(self._poll_loop(), name="sagaway-recovery"),
+                asyncio.create_task(self._renew_loop(), name="sagaway-leases"),
+            ]
 
     async def aclose(self) -> None:
         """Stop driving runs and release their leases so another worker resumes them at once.
@@ -319,6 +325,8 @@ class Orchestrator:
                              limit=self.max_payload_bytes)
         run_id = new_run_id()
         now = self.clock.now()
+        if not self.worker:
+            return await self._submit(committer, definition, run_id, now, plain, text, key)
         decision = decide(definition, run_id, RunState(), Start(now))
         new = NewRun(
             id=run_id,
@@ -346,13 +354,7 @@ class Orchestrator:
         if not created.created:
             self._drivers.pop(run_id, None)
             existing = created.record
-            if existing.input_hash != new.input_hash:
-                raise IdempotencyConflict(
-                    f"key {key!r} already started run {existing.id} of saga {saga!r} with a "
-                    f"different input; use a new key for a new run",
-                    run_id=existing.id,
-                    key=key or "",
-                )
+            self._check_same_input(existing, new.input_hash, saga, key)
             return RunHandle(self, existing.id, existing.saga, created=False)
         self._claim_seq += 1
         driver.claim_seq = self._claim_seq
@@ -362,6 +364,40 @@ class Orchestrator:
         driver.task = asyncio.create_task(self._drive(driver, decision.commands),
                                           name=f"sagaway-run-{run_id}")
         return RunHandle(self, run_id, definition.name, created=True)
+
+    async def _submit(self, committer: GroupCommitter, definition: Saga, run_id: str,
+                      now: float, plain: Any, text: str, key: str | None) -> RunHandle:
+        """Client mode: record the run PENDING and unowned; a worker claims and starts it."""
+        created = await committer.create(
+            NewRun(
+                id=run_id,
+                saga=definition.name,
+                version=definition.version,
+                status=SagaStatus.PENDING,
+                input_json=text,
+                input_hash=fingerprint(text),
+                state=RunState().to_json(),
+                idempotency_key=key,
+                wake_at=None,
+                now=now,
+                history=[HistoryEntry(now, "run.submitted")],
+                leased=False,
+            )
+        )
+        if not created.created:
+            self._check_same_input(created.record, fingerprint(text), definition.name, key)
+        return RunHandle(self, created.record.id, definition.name, created=created.created)
+
+    @staticmethod
+    def _check_same_input(existing: RunRecord, input_hash: str, saga: str, key: str | None
+                          ) -> None:
+        if existing.input_hash != input_hash:
+            raise IdempotencyConflict(
+                f"key {key!r} already started run {existing.id} of saga {saga!r} with a "
+                f"different input; use a new key for a new run",
+                run_id=existing.id,
+                key=key or "",
+            )
 
     async def get(self, run_id: str) -> SagaRun:
         """A snapshot of one run, from the store. Raises RunNotFound."""
@@ -384,30 +420,36 @@ class Orchestrator:
         return [self._snapshot(r) for r in records]
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> SagaRun:
-        """Wait until a run finishes (driven here or by any other worker)."""
+        """Wait until a run finishes (driven here or by any other worker).
+
+        A run driven here is awaited in memory; any other is polled in the store, and a
+        store that is briefly unreachable (a database restart) is waited out, not raised.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             driver = self._drivers.get(run_id)
-            if driver is not None and driver.done.is_set() and driver.history is not None:
+            if driver is not None and driver.done.is_set() and driver.history is not None \
+                    and driver.state.status.finished:
                 return self._snapshot_from_driver(driver)
-            if driver is None:
-                snap = await self.get(run_id)
-                if snap.finished:
-                    return snap
+            if driver is None or driver.done.is_set():
+                try:
+                    snap = await self.get(run_id)
+                except StoreError as exc:
+                    log.debug("wait(%s): store unavailable, retrying: %s", run_id, exc)
+                else:
+                    if snap.finished:
+                        return snap
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(f"run {run_id} did not finish within {timeout}s")
-            step = self.poll_interval if remaining is None else min(self.poll_interval,
-                                                                    remaining)
-            if driver is not None:
+            pause = 0.1 if remaining is None else min(0.1, remaining)
+            if driver is not None and not driver.done.is_set():
+                pause = self.poll_interval if remaining is None else min(self.poll_interval,
+                                                                         remaining)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(driver.done.wait(), step)
-                if driver.done.is_set() and driver.history is None:
-                    snap = await self.get(run_id)
-                    if snap.finished:
-                        return snap
+                    await asyncio.wait_for(driver.done.wait(), pause)
             else:
-                await asyncio.sleep(min(step, 0.1))
+                await asyncio.sleep(pause)
 
     # -- snapshots --------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class NewRun:
     wake_at: float | None
     now: float
     history: Sequence[HistoryEntry] = ()
+    leased: bool = True
+    """Lease it to the committing worker; False leaves it unowned for any worker to claim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +133,9 @@ class Store(abc.ABC):
     ) -> BatchResult:
         """Apply creations and fenced updates in one durable transaction.
 
-        Created runs are leased to ``owner``. A creation whose (saga, key) exists returns the
-        existing run with ``created=False``. Applied updates bump the row version by one.
+        Created runs are leased to ``owner`` (unless ``leased=False``). A creation whose
+        (saga, key) exists returns the existing run with ``created=False``. Applied updates
+        bump the row version by one.
         """
 
     @abc.abstractmethod

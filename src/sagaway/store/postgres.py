@@ -220,11 +220,13 @@ class PostgresStore(Store):
                         f" state, idempotency_key, owner, lease_expires, wake_at, row_version,"
                         f" created_at, updated_at)"
                         f" SELECT u.id, u.saga, u.version, u.status, u.input::jsonb, u.input_hash,"
-                        f" u.state::jsonb, u.key, $9, {_NOW} + $10, u.wake_at, 1, u.now, u.now"
+                        f" u.state::jsonb, u.key, CASE WHEN u.leased THEN $9 END,"
+                        f" CASE WHEN u.leased THEN {_NOW} + $10 END, u.wake_at, 1, u.now, u.now"
                         f" FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],"
-                        f" $6::text[], $7::text[], $8::text[], $11::float8[], $12::float8[])"
+                        f" $6::text[], $7::text[], $8::text[], $11::float8[], $12::float8[],"
+                        f" $13::bool[])"
                         f" AS u(id, saga, version, status, input, input_hash, state, key,"
-                        f" wake_at, now)"
+                        f" wake_at, now, leased)"
                         f" ON CONFLICT DO NOTHING RETURNING id",
                         [n.id for n in creates],
                         [n.saga for n in creates],
@@ -238,6 +240,7 @@ class PostgresStore(Store):
                         lease_seconds,
                         [n.wake_at for n in creates],
                         [n.now for n in creates],
+                        [n.leased for n in creates],
                     )
                 }
                 rows = {

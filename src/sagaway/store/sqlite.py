@@ -223,7 +223,8 @@ class SQLiteStore(Store):
                     f"VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, 1, ?, ?)",
                     (new.id, new.saga, new.version, new.status.value, new.input_json,
                      new.input_hash, json.dumps(new.state, separators=(",", ":")),
-                     new.idempotency_key, owner, lease, new.wake_at, new.now, new.now),
+                     new.idempotency_key, owner if new.leased else None,
+                     lease if new.leased else None, new.wake_at, new.now, new.now),
                 )
                 if cur.rowcount == 1:
                     history.extend(_history_rows(new.id, new.history))
