@@ -277,6 +277,7 @@ class _Decider:
             return
         step, s = found
         s.status = StepStatus.SUCCEEDED
+        s.succeeded = True
         s.result = event.result
         s.error = None
         s.maybe_applied = True

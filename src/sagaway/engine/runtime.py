@@ -687,7 +687,8 @@ class Orchestrator:
         assert fn is not None
         ctx = self._context(d, step.name, cmd.attempt, compensating=True)
         state = d.state.steps.get(step.name)
-        result = d.state.results.get(step.name) if state is not None else None
+        # The action's result if an attempt succeeded; None if it timed out or was cut.
+        result = state.result if state is not None and state.succeeded else None
         event: Event
         try:
             async with asyncio.timeout(step.compensation_timeout):

@@ -52,6 +52,8 @@ class StepState:
     error: str | None = None
     compensation_attempts: int = 0
     wake_at: float | None = None
+    succeeded: bool = False
+    """An action attempt succeeded; ``result`` is its result."""
 
     def clone(self) -> StepState:
         return StepState(
@@ -62,6 +64,7 @@ class StepState:
             self.error,
             self.compensation_attempts,
             self.wake_at,
+            self.succeeded,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -76,6 +79,8 @@ class StepState:
             out["compensation_attempts"] = self.compensation_attempts
         if self.wake_at is not None:
             out["wake_at"] = self.wake_at
+        if self.succeeded:
+            out["succeeded"] = True
         return out
 
     @classmethod
@@ -88,6 +93,7 @@ class StepState:
             error=data.get("error"),
             compensation_attempts=data.get("compensation_attempts", 0),
             wake_at=data.get("wake_at"),
+            succeeded=data.get("succeeded", False),
         )
 
 
@@ -113,14 +119,7 @@ class RunState:
 
     @property
     def results(self) -> dict[str, Any]:
-        return {
-            name: s.result
-            for name, s in self.steps.items()
-            if s.status in (StepStatus.SUCCEEDED, StepStatus.COMPENSATING,
-                            StepStatus.COMPENSATION_WAITING, StepStatus.COMPENSATED)
-            and s.attempts > 0
-            and s.error is None
-        }
+        return {name: s.result for name, s in self.steps.items() if s.succeeded}
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
