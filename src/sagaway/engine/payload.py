@@ -40,7 +40,10 @@ def encode(value: Any, *, what: str, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
                           sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(f"{what} is not JSON-serialisable: {exc}") from None
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidPayload(f"{what} holds text that is not valid Unicode: {exc}") from None
     if size > limit:
         raise PayloadTooLarge(
             f"{what} is {size} bytes encoded, over the limit of {limit} bytes; store large data "

@@ -35,7 +35,8 @@ def open_store(url: str) -> Store:
         from sagaway.store.postgres import PostgresStore
 
         return PostgresStore(url)
+    shown = url.split("://", 1)[0] + "://…" if "@" in url else url  # never echo a password
     raise StoreError(
-        f"unknown store URL {url!r}: use memory://, sqlite:///path/to/sagas.db or "
+        f"unknown store URL {shown!r}: use memory://, sqlite:///path/to/sagas.db or "
         f"postgresql://user@host/db"
     )

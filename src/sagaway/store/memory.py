@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
+from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
 
@@ -67,12 +68,19 @@ class MemoryStore(Store):
     ) -> BatchResult:
         now = self._clock()
         result = BatchResult()
+        # Stage the batch on copies and swap them in at the end: a batch that raises (an id
+        # collision, a document JSON cannot encode) leaves the store untouched, as a
+        # database transaction would. Rows are replaced, never mutated, so copies are shallow.
+        rows = dict(self._rows)
+        keys = dict(self._keys)
         for new in creates:
             if new.idempotency_key is not None:
-                existing = self._keys.get((new.saga, new.idempotency_key))
+                existing = keys.get((new.saga, new.idempotency_key))
                 if existing is not None:
-                    result.created.append(CreateResult(self._load(self._rows[existing]), False))
+                    result.created.append(CreateResult(self._load(rows[existing]), False))
                     continue
+            if new.id in rows:
+                raise StoreError(f"run id {new.id} already exists")
             record = RunRecord(
                 id=new.id,
                 saga=new.saga,
@@ -92,12 +100,12 @@ class MemoryStore(Store):
             )
             history = [json.dumps(h.to_json()) for h in new.history]
             row = _Row(record, json.dumps(new.state), history)
-            self._rows[new.id] = row
+            rows[new.id] = row
             if new.idempotency_key is not None:
-                self._keys[(new.saga, new.idempotency_key)] = new.id
+                keys[(new.saga, new.idempotency_key)] = new.id
             result.created.append(CreateResult(self._load(row), True))
         for upd in updates:
-            current = self._rows.get(upd.run_id)
+            current = rows.get(upd.run_id)
             if (
                 current is None
                 or current.record.row_version != upd.expected_version
@@ -105,20 +113,22 @@ class MemoryStore(Store):
             ):
                 result.updated.append(False)
                 continue
-            row = current
-            row.record = replace(
-                row.record,
-                status=upd.status,
-                error=upd.error,
-                wake_at=upd.wake_at,
-                row_version=row.record.row_version + 1,
-                updated_at=upd.now,
-                owner=None if upd.release else row.record.owner,
-                lease_expires=None if upd.release else row.record.lease_expires,
+            rows[upd.run_id] = _Row(
+                replace(
+                    current.record,
+                    status=upd.status,
+                    error=upd.error,
+                    wake_at=upd.wake_at,
+                    row_version=current.record.row_version + 1,
+                    updated_at=upd.now,
+                    owner=None if upd.release else current.record.owner,
+                    lease_expires=None if upd.release else current.record.lease_expires,
+                ),
+                json.dumps(upd.state),
+                [*current.history, *(json.dumps(h.to_json()) for h in upd.history)],
             )
-            row.state_json = json.dumps(upd.state)
-            row.history.extend(json.dumps(h.to_json()) for h in upd.history)
             result.updated.append(True)
+        self._rows, self._keys = rows, keys
         return result
 
     async def claim_due(
@@ -179,6 +189,8 @@ class MemoryStore(Store):
         statuses = set(status) if status is not None else None
         out: list[RunRecord] = []
         for row in rows:
+            if len(out) >= limit:
+                break
             rec = row.record
             if statuses is not None and rec.status not in statuses:
                 continue
@@ -187,6 +199,4 @@ class MemoryStore(Store):
             if before is not None and (rec.created_at, rec.id) >= before:
                 continue
             out.append(self._load(row))
-            if len(out) >= limit:
-                break
         return out

@@ -323,7 +323,7 @@ class PostgresStore(Store):
                 f"WITH due AS ("
                 f" SELECT id FROM sagaway_runs"
                 f" WHERE status = ANY($1::text[])"
-                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires < {_NOW})"
+                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_NOW})"
                 f" AND (saga, version) IN (SELECT * FROM unnest($2::text[], $3::int[]))"
                 f" ORDER BY wake_at NULLS FIRST LIMIT $4 FOR UPDATE SKIP LOCKED)"
                 f" UPDATE sagaway_runs AS r SET owner = $5, lease_expires = {_NOW} + $6,"

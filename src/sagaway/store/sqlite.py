@@ -101,6 +101,7 @@ class SQLiteStore(Store):
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._opening = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
@@ -113,11 +114,14 @@ class SQLiteStore(Store):
         unknown = set(query) - {"synchronous", "busy_timeout"}
         if unknown:
             raise StoreError(f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}")
-        return cls(
-            path,
-            synchronous=query.get("synchronous", "FULL"),
-            busy_timeout=float(query.get("busy_timeout", 10.0)),
-        )
+        try:
+            busy_timeout = float(query.get("busy_timeout", 10.0))
+        except ValueError:
+            raise StoreError(
+                f"busy_timeout must be a number of seconds, got {query['busy_timeout']!r} "
+                f"in {url!r}"
+            ) from None
+        return cls(path, synchronous=query.get("synchronous", "FULL"), busy_timeout=busy_timeout)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -129,10 +133,14 @@ class SQLiteStore(Store):
         def call() -> T:
             try:
                 return fn(conn)
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                # Whatever interrupted it, never leave a transaction open on the shared
+                # connection: later statements would join it and later reads see its writes.
                 if conn.in_transaction:
                     conn.rollback()
-                raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"SQLite error on {self.path}: {exc}") from exc
+                raise
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
@@ -142,7 +150,18 @@ class SQLiteStore(Store):
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL needs an exclusive lock, and SQLite does not call the
+        # busy handler for it: when two processes open a new file at once, retry here.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         self._migrate(conn)
@@ -174,18 +193,22 @@ class SQLiteStore(Store):
             raise
 
     async def open(self) -> None:
-        with self._lock:
-            if self._executor is not None:
-                return
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagaway-sqlite")
-        try:
-            self._conn = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._connect
-            )
-        except (sqlite3.Error, OSError) as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-            raise StoreError(f"cannot open SQLite saga log {self.path!r}: {exc}") from exc
+        # Held until the connection exists, so a concurrent open() returns an open store.
+        async with self._opening:
+            with self._lock:
+                if self._executor is not None:
+                    return
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="sagaway-sqlite"
+                )
+            try:
+                self._conn = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._connect
+                )
+            except (sqlite3.Error, OSError) as exc:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+                raise StoreError(f"cannot open SQLite saga log {self.path!r}: {exc}") from exc
 
     async def aclose(self) -> None:
         with self._lock:
@@ -292,7 +315,7 @@ class SQLiteStore(Store):
                 f"UPDATE sagaway_runs SET owner = ?, lease_expires = ?, "
                 f"row_version = row_version + 1 WHERE id IN ("
                 f" SELECT id FROM sagaway_runs WHERE status IN ({_ACTIVE_SQL})"
-                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires < ?)"
+                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?)"
                 f" AND (saga, version) IN (VALUES {pairs})"
                 f" ORDER BY wake_at LIMIT ?) RETURNING {_COLUMNS}",
                 params,
