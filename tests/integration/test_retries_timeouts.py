@@ -312,8 +312,8 @@ async def test_after_pivot_a_finite_policy_that_exhausts_fails_the_run(store_url
         done = await run.wait(timeout=10)
 
     rid = run.id
-    error = ("step 'deliver' comes after the pivot and exhausted its retry policy after 2 "
-             "attempts (RuntimeError: no truck); the saga cannot compensate past its pivot, "
+    error = ("step 'deliver' comes after the pivot and gave up after 2 "
+             "attempt(s) (RuntimeError: no truck); the saga cannot compensate past its pivot, "
              "so it needs an operator")
     assert done.status is SagaStatus.FAILED
     assert done.error == error

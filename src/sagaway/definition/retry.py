@@ -52,6 +52,11 @@ class RetryPolicy:
             raise DefinitionError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise DefinitionError(f"RetryPolicy.jitter must be within 0..1, got {self.jitter}")
+        if isinstance(self.non_retryable, type):
+            raise DefinitionError(
+                f"RetryPolicy.non_retryable must be a tuple of exception types, e.g. "
+                f"({self.non_retryable.__name__},), not a bare type"
+            )
         if isinstance(self.non_retryable, Sequence) and not isinstance(self.non_retryable, tuple):
             object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
         for exc in self.non_retryable:
@@ -68,7 +73,11 @@ class RetryPolicy:
         """Seconds to wait after failed attempt ``attempt`` before the next one."""
         exponent = max(attempt - 1, 0)
         # Cap the exponent so huge attempt counts (unlimited policies) cannot overflow.
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** min(exponent, 64))
+        try:
+            base = min(self.max_backoff,
+                       self.initial_backoff * self.multiplier ** min(exponent, 64))
+        except OverflowError:
+            base = self.max_backoff
         if self.jitter == 0 or base == 0:
             return base
         digest = hashlib.blake2b(f"{seed}:{attempt}".encode(), digest_size=8).digest()

@@ -22,7 +22,7 @@ from sagaway.errors import DefinitionError
 
 __all__ = ["Saga", "Step", "StepContext", "StepKind"]
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 
 ActionFn = Callable[..., Any]
 CompensationFn = Callable[..., Any]
@@ -189,7 +189,7 @@ class Saga:
     """
 
     def __init__(self, name: str, *, version: int = 1, description: str = "") -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
                 f"saga name {name!r} is not valid: use letters, digits, '_', '.', '-' "
                 f"(at most 128 characters, starting with a letter or '_')"
@@ -261,7 +261,7 @@ class Saga:
         def register(f: ActionFn) -> Step:
             _check_callable(f, "a saga step")
             step_name = name or getattr(f, "__name__", None)
-            if not step_name or not _NAME.match(step_name):
+            if not step_name or not _NAME.fullmatch(step_name):
                 raise DefinitionError(
                     f"step name {step_name!r} in saga {self.name!r} is not valid; pass name=…"
                 )
@@ -358,9 +358,10 @@ class Saga:
                 else:
                     s.kind = StepKind.COMPENSATABLE
                     if s.compensation_fn is None and not s.read_only:
+                        fn_name = getattr(s.action, "__name__", s.name)
                         raise DefinitionError(
                             f"step {s.name!r} of saga {self.name!r} runs before the pivot, so it "
-                            f"must be undoable: add @{s.action.__name__}.compensation, or mark it "
+                            f"must be undoable: add @{fn_name}.compensation, or mark it "
                             f"read_only=True if it changes nothing, or retriable=True/pivot=True"
                         )
             if any(s.pivot or s.kind is StepKind.RETRIABLE for s in stage):

@@ -138,9 +138,9 @@ class _Decider:
         elif step.kind is StepKind.RETRIABLE:
             self.finish(
                 SagaStatus.FAILED,
-                f"step {step.name!r} comes after the pivot and exhausted its retry policy after "
-                f"{s.attempts} attempts ({error}); the saga cannot compensate past its pivot, "
-                f"so it needs an operator",
+                f"step {step.name!r} comes after the pivot and gave up after {s.attempts} "
+                f"attempt(s) ({error}); the saga cannot compensate past its pivot, so it "
+                f"needs an operator",
             )
         elif step.kind is StepKind.PIVOT and s.maybe_applied:
             self.finish(
@@ -258,7 +258,10 @@ class _Decider:
         except KeyError:
             self.ignore(event, "no such step in this saga")
             return None
-        s = self.step_state(step.name)
+        s = self.state.steps.get(step.name)
+        if s is None:
+            self.ignore(event, "the step has not started")
+            return None
         compensating = isinstance(event, CompensationSucceeded | CompensationFailed)
         expected_status = StepStatus.COMPENSATING if compensating else StepStatus.RUNNING
         expected_attempt = s.compensation_attempts if compensating else s.attempts
@@ -337,19 +340,26 @@ class _Decider:
             self.on_start(Start(event.now))
             return
         self.log("run.recovered")
-        for step in self.saga.steps:
-            s = self.state.steps.get(step.name)
-            if s is None:
-                continue
-            if s.status is StepStatus.RUNNING:
+        # Collected first: handling one interruption can start compensations of siblings,
+        # and those are new attempts, not interrupted ones.
+        interrupted = [
+            (step, s, s.status)
+            for step in self.saga.steps
+            if (s := self.state.steps.get(step.name)) is not None
+            and s.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+        ]
+        for step, s, status in interrupted:
+            if self.state.status.finished:
+                return
+            if status is StepStatus.RUNNING:
                 self.log("step.interrupted", step.name, s.attempts)
                 self.action_failed(step, s, INTERRUPTED, retryable=True, maybe_applied=True,
                                    immediate=True)
-            elif s.status is StepStatus.COMPENSATING:
+            else:
                 self.log("compensation.interrupted", step.name, s.compensation_attempts)
                 self.compensation_failed(step, s, INTERRUPTED, retryable=True, immediate=True)
-                if self.state.status.finished:
-                    return
+        if self.state.status.finished:
+            return
         if self.state.status is SagaStatus.COMPENSATING:
             self.advance_compensation()
         self.on_timer()

@@ -20,8 +20,22 @@ __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode", "encode", "fingerprint", "to_j
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
+def _reject_sets(value: Any, what: str) -> None:
+    # JSON has no sets, and a set dumped as a list comes out in hash order, which differs
+    # between processes: the same input would fingerprint differently on two workers.
+    if isinstance(value, set | frozenset):
+        raise InvalidPayload(f"{what} holds a set; JSON has no sets, pass a sorted list")
+    if isinstance(value, dict):
+        for item in value.values():
+            _reject_sets(item, what)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _reject_sets(item, what)
+
+
 def to_json_value(value: Any, *, what: str) -> Any:
     """Turn ``value`` into plain JSON data (dict/list/str/int/float/bool/None)."""
+    _reject_sets(value, what)
     try:
         plain = to_jsonable_python(value)
     except (PydanticSerializationError, TypeError, ValueError) as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -45,7 +45,12 @@ _RCOLUMNS = ", ".join(
     f"r.{c.strip()}" for c in _COLUMNS.split(",")
 )
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_NOW = "extract(epoch from clock_timestamp())::double precision"
+_DB_NOW = "extract(epoch from clock_timestamp())::double precision"
+
+
+def _now(param: int) -> str:
+    """The lease clock: the database's, unless a test clock passed its time as ``$param``."""
+    return f"COALESCE(${param}::float8, {_DB_NOW})"
 # Any stable 64-bit number: the advisory lock that serialises migrations across processes.
 _MIGRATION_LOCK = 0x5A6A_7761_7900_0001
 _ERRORS: tuple[type[BaseException], ...] = (
@@ -91,6 +96,8 @@ class PostgresStore(Store):
         command_timeout: seconds before a statement is abandoned.
         schema: a PostgreSQL schema to keep sagaway's tables in (created if missing);
             also ``?schema=name`` in the URL. Default: the connection's search_path.
+        clock: stamp leases with this clock instead of the database's (for tests with
+            virtual time only: several workers must share one clock).
     """
 
     def __init__(
@@ -102,6 +109,7 @@ class PostgresStore(Store):
         migrate: bool = True,
         command_timeout: float = 30.0,
         schema: str | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         parts = urlsplit(dsn)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -115,6 +123,7 @@ class PostgresStore(Store):
             parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"]))
         )
         self.schema = schema
+        self._clock = clock
         self.min_size = min_size
         self.max_size = max_size
         self.migrate_on_open = migrate
@@ -186,6 +195,9 @@ class PostgresStore(Store):
                 applied.append(name)
         return applied
 
+    def _test_now(self) -> float | None:
+        return None if self._clock is None else self._clock()
+
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -196,7 +208,7 @@ class PostgresStore(Store):
 
     async def now(self) -> float:
         async with self._conn() as conn:
-            value = await conn.fetchval(f"SELECT {_NOW}")
+            value = await conn.fetchval(f"SELECT {_now(1)}", self._test_now())
             return float(value)
 
     # -- primitives -------------------------------------------------------------------------
@@ -219,9 +231,9 @@ class PostgresStore(Store):
                         f"INSERT INTO sagaway_runs (id, saga, version, status, input, input_hash,"
                         f" state, idempotency_key, owner, lease_expires, wake_at, row_version,"
                         f" created_at, updated_at)"
-                        f" SELECT u.id, u.saga, u.version, u.status, u.input::jsonb, u.input_hash,"
-                        f" u.state::jsonb, u.key, CASE WHEN u.leased THEN $9 END,"
-                        f" CASE WHEN u.leased THEN {_NOW} + $10 END, u.wake_at, 1, u.now, u.now"
+                        f" SELECT u.id, u.saga, u.version, u.status, u.input::json, u.input_hash,"
+                        f" u.state::json, u.key, CASE WHEN u.leased THEN $9 END,"
+                        f" CASE WHEN u.leased THEN {_now(14)} + $10 END, u.wake_at, 1, u.now, u.now"
                         f" FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],"
                         f" $6::text[], $7::text[], $8::text[], $11::float8[], $12::float8[],"
                         f" $13::bool[])"
@@ -241,6 +253,7 @@ class PostgresStore(Store):
                         [n.wake_at for n in creates],
                         [n.now for n in creates],
                         [n.leased for n in creates],
+                        self._test_now(),
                     )
                 }
                 rows = {
@@ -267,7 +280,7 @@ class PostgresStore(Store):
                 applied = {
                     r[0]
                     for r in await conn.fetch(
-                        "UPDATE sagaway_runs AS r SET status = u.status, state = u.state::jsonb,"
+                        "UPDATE sagaway_runs AS r SET status = u.status, state = u.state::json,"
                         " error = u.error, wake_at = u.wake_at, row_version = r.row_version + 1,"
                         " updated_at = u.now,"
                         " owner = CASE WHEN u.release THEN NULL ELSE r.owner END,"
@@ -297,7 +310,7 @@ class PostgresStore(Store):
                 await conn.execute(
                     "INSERT INTO sagaway_history (run_id, at, kind, step, attempt, data)"
                     " SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[],"
-                    " $5::int[], $6::jsonb[])",
+                    " $5::int[], $6::json[])",
                     [rid for rid, _ in history],
                     [h.at for _, h in history],
                     [h.kind for _, h in history],
@@ -323,10 +336,10 @@ class PostgresStore(Store):
                 f"WITH due AS ("
                 f" SELECT id FROM sagaway_runs"
                 f" WHERE status = ANY($1::text[])"
-                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_NOW})"
+                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(7)})"
                 f" AND (saga, version) IN (SELECT * FROM unnest($2::text[], $3::int[]))"
                 f" ORDER BY wake_at NULLS FIRST LIMIT $4 FOR UPDATE SKIP LOCKED)"
-                f" UPDATE sagaway_runs AS r SET owner = $5, lease_expires = {_NOW} + $6,"
+                f" UPDATE sagaway_runs AS r SET owner = $5, lease_expires = {_now(7)} + $6,"
                 f" row_version = r.row_version + 1 FROM due WHERE r.id = due.id"
                 f" RETURNING {_RCOLUMNS}",
                 _ACTIVE,
@@ -335,15 +348,16 @@ class PostgresStore(Store):
                 limit,
                 owner,
                 lease_seconds,
+                self._test_now(),
             )
         return [_record(r) for r in rows]
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"UPDATE sagaway_runs SET lease_expires = {_NOW} + $1"
+                f"UPDATE sagaway_runs SET lease_expires = {_now(4)} + $1"
                 f" WHERE owner = $2 AND status = ANY($3::text[]) RETURNING id",
-                lease_seconds, owner, _ACTIVE,
+                lease_seconds, owner, _ACTIVE, self._test_now(),
             )
         return {r[0] for r in rows}
 

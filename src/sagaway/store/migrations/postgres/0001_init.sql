@@ -1,14 +1,15 @@
 -- The saga log: one row per run (its state document and queryable metadata) and the
 -- append-only history of its transitions. Times are seconds since the epoch (double
--- precision), stamped with the database clock for leases.
+-- precision), stamped with the database clock for leases. Documents are JSON, not JSONB:
+-- JSON keeps the text exactly (1e308 stays a float, -0.0 stays -0.0, key order stays).
 CREATE TABLE IF NOT EXISTS sagaway_runs (
     id              TEXT PRIMARY KEY,
     saga            TEXT NOT NULL,
     version         INTEGER NOT NULL,
     status          TEXT NOT NULL,
-    input           JSONB NOT NULL,
+    input           JSON NOT NULL,
     input_hash      TEXT NOT NULL,
-    state           JSONB NOT NULL,
+    state           JSON NOT NULL,
     error           TEXT,
     idempotency_key TEXT,
     owner           TEXT,
@@ -34,7 +35,7 @@ CREATE TABLE IF NOT EXISTS sagaway_history (
     kind    TEXT NOT NULL,
     step    TEXT,
     attempt INTEGER,
-    data    JSONB
+    data    JSON
 );
 
 CREATE INDEX IF NOT EXISTS sagaway_history_run ON sagaway_history (run_id, id);

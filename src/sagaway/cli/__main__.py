@@ -1,0 +1,5 @@
+"""``python -m sagaway.cli``: the same as the ``sagaway`` command."""
+
+from sagaway.cli import main
+
+main()

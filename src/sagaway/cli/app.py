@@ -1,0 +1,181 @@
+"""The ``sagaway`` command: argument parsing only; the work is done by the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
+from sagaway.cli import render
+from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
+from sagaway.store import open_store
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+DEFAULT_STORE = "sqlite:///sagaway-demo.db"
+
+app = typer.Typer(
+    name="sagaway",
+    help="Durable sagas for Python microservices: run the demo, list runs, show a timeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+class DemoStep(enum.StrEnum):
+    """The demo saga's steps, for ``--fail-at`` / ``--crash-at``."""
+
+    reserve_inventory = "reserve_inventory"
+    charge_payment = "charge_payment"
+    arrange_shipping = "arrange_shipping"
+
+
+assert tuple(DemoStep) == STEPS
+
+Store = Annotated[
+    str,
+    typer.Option("--store", envvar="SAGAWAY_STORE", show_envvar=True,
+                 help="The saga log: sqlite:///path.db (relative to here) or memory://."),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one command's coroutine; sagaway's and the demo's errors end it with exit 1."""
+    try:
+        return asyncio.run(coro)
+    except (SagawayError, DemoError) as exc:
+        _fail(str(exc))
+
+
+def _checked_store(url: str, *, must_exist: bool) -> None:
+    """Reject a bad URL (usage error) or, to read, a SQLite file that is not there (exit 1).
+
+    Opening a missing file would create an empty saga log, so reads check first.
+    """
+    try:
+        store = open_store(url)
+    except SagawayError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from exc
+    if must_exist and isinstance(store, SQLiteStore) and store.path != ":memory:" \
+            and not Path(store.path).exists():
+        _fail(f"no saga store at {store.path!r} ({url}); run `sagaway demo` first or pass "
+              f"--store")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sagaway {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Durable sagas for Python microservices."""
+
+
+@app.command()
+def demo(
+    store: Store = DEFAULT_STORE,
+    fail_at: Annotated[
+        DemoStep | None,
+        typer.Option("--fail-at", help="Make this step's service fail (arrange_shipping: its "
+                                        "first 2 attempts)."),
+    ] = None,
+    crash_at: Annotated[
+        DemoStep | None,
+        typer.Option("--crash-at", help="SIGKILL this process while this step is in flight; "
+                                         "prints the command that resumes the run."),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", metavar="RUN_ID",
+                     help="Finish a demo run a crashed process left behind."),
+    ] = None,
+) -> None:
+    """Run the e-commerce order saga and watch its timeline.
+
+    reserve_inventory → charge_payment (pivot) → arrange_shipping (retriable), against pretend services that apply each effect once per idempotency key.
+    """  # noqa: E501 - one line, so the help text wraps to the terminal
+    if fail_at is not None and crash_at is not None:
+        raise typer.BadParameter("use either --fail-at or --crash-at, not both",
+                                 param_hint="--crash-at")
+    if resume is not None and (fail_at is not None or crash_at is not None):
+        raise typer.BadParameter("--resume finishes an existing run; it takes no faults",
+                                 param_hint="--resume")
+    _checked_store(store, must_exist=resume is not None)
+    if resume is not None:
+        run = _run(resume_demo(out, store, resume))
+    else:
+        run = _run(run_demo(out, store, fail_at=fail_at.value if fail_at else None,
+                            crash_at=crash_at.value if crash_at else None))
+    # COMPENSATED is the demo working as intended; only a run that needs an operator is an
+    # error for the shell.
+    if run.status is SagaStatus.FAILED:
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(
+    store: Store = DEFAULT_STORE,
+    status: Annotated[
+        SagaStatus | None,
+        typer.Option("--status", "-s", case_sensitive=False, help="Only runs in this status."),
+    ] = None,
+    saga: Annotated[str | None, typer.Option("--saga", help="Only runs of this saga.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10_000,
+                                       help="At most this many runs.")] = 20,
+) -> None:
+    """List runs, newest first."""
+    _checked_store(store, must_exist=True)
+
+    async def go() -> list[SagaRun]:
+        async with Orchestrator(store, sagas=[]) as orch:
+            return await orch.list(status=status, saga=saga, limit=limit)
+
+    found = _run(go())
+    if not found:
+        out.print(Text("no runs match", style="bright_black"))
+        return
+    out.print(render.runs_table(found, out.width))
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run's id.")],
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Print one run's timeline, input and results."""
+    _checked_store(store, must_exist=True)
+
+    async def go() -> SagaRun:
+        # With no definitions registered, opening it claims nothing: it only reads.
+        async with Orchestrator(store, sagas=[]) as orch:
+            return await orch.get(run_id)
+
+    out.print(render.run_details(_run(go())))
+
+
+def main() -> None:
+    """The console-script entry point."""
+    app(prog_name="sagaway")
