@@ -22,6 +22,7 @@ from sagaway.errors import (
     WaitTimeout,
 )
 from sagaway.run import HistoryEntry, SagaRun, SagaStatus
+from sagaway.store import open_store
 from sagaway.store.base import Store
 from sagaway.store.memory import MemoryStore
 from sagaway.store.sqlite import SQLiteStore
@@ -58,4 +59,5 @@ __all__ = [
     "Transition",
     "UnknownSaga",
     "WaitTimeout",
+    "open_store",
 ]

@@ -22,7 +22,8 @@ sys.path.insert(0, str(HERE))
 from worker_app import LEDGER_SCHEMA_SQL, split_schema  # noqa: E402
 
 STEPS = ("debit", "credit", "confirm")
-WORKER_CMD = [sys.executable, "-c", "import asyncio,logging; logging.basicConfig(level='INFO'); from sagaway.engine.worker import load_app, serve; asyncio.run(serve(load_app('worker_app:orchestrator')))"]
+WORKER_CMD = [sys.executable, "-m", "sagaway.cli", "worker", "--app",
+              "worker_app:orchestrator"]
 
 
 def ledger_url_for(store_url: str) -> str:
@@ -130,7 +131,8 @@ async def audit(ledger_url: str, runs: list[SagaRun], expected: dict[str, SagaSt
     dsn, schema = split_schema(ledger_url)
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema or "public"})
     try:
-        invocations = await conn.fetch("SELECT idem_key, run_id, step, kind, worker FROM invocations")
+        invocations = await conn.fetch(
+            "SELECT idem_key, run_id, step, kind, worker FROM invocations")
         effects = await conn.fetch("SELECT idem_key, run_id, step, kind FROM effects ORDER BY seq")
     finally:
         await conn.close()

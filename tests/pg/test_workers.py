@@ -15,10 +15,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
 from harness import Worker, audit, create_ledger, drop_ledger, ledger_url_for, start_worker
-from sagaway import Orchestrator, SagaStatus
 from worker_app import split_schema, transfer
+
+from sagaway import Orchestrator, SagaStatus
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ async def test_two_workers_race_on_the_same_runs(postgres_url, ledger_url, clien
     for name in ("a", "b"):
         workers.append(start_worker(postgres_url, ledger_url, tmp_path, name,
                                     MAX_RUNS="4", POLL_INTERVAL="0.05"))
-    expected = await submit(client, 60)
+    expected = await submit(client, 100)
     runs = [await client.wait(rid, timeout=90) for rid in expected]
     result = await audit(ledger_url, runs, expected)
     print(f"\ntwo workers, one log: {result}")
@@ -99,7 +99,7 @@ async def test_a_worker_paused_past_its_lease_cannot_write(postgres_url, ledger_
     handle = await client.start("transfer", {"i": 1}, key="paused")
     # Wait until the first worker is inside the slow step (its sleep precedes the effect).
     deadline = time.monotonic() + 20
-    while not (await owner_of(postgres_url, handle.id) or "").split(":")[1:2] == [str(first.pid)]:
+    while (await owner_of(postgres_url, handle.id) or "").split(":")[1:2] != [str(first.pid)]:
         assert time.monotonic() < deadline, first.log()
         await asyncio.sleep(0.05)
     snap = await client.get(handle.id)

@@ -1,4 +1,4 @@
-"""A worker app for the multi-process PostgreSQL tests: ``sagaway worker --app worker_app:orchestrator``.
+"""The multi-process PostgreSQL tests run `sagaway worker --app worker_app:orchestrator`.
 
 Configured by environment variables (the tests set them):
 

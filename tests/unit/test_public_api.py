@@ -35,6 +35,7 @@ EXPECTED_ALL = [
     "Transition",
     "UnknownSaga",
     "WaitTimeout",
+    "open_store",
 ]
 
 ISSUE_NAMES = [

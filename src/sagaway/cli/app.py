@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -15,6 +17,7 @@ from rich.text import Text
 from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
 from sagaway.cli import render
 from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
+from sagaway.engine.worker import load_app, serve
 from sagaway.store import open_store
 
 __all__ = ["app", "main"]
@@ -150,7 +153,7 @@ def runs(
     _checked_store(store, must_exist=True)
 
     async def go() -> list[SagaRun]:
-        async with Orchestrator(store, sagas=[]) as orch:
+        async with Orchestrator(store, worker=False) as orch:
             return await orch.list(status=status, saga=saga, limit=limit)
 
     found = _run(go())
@@ -169,11 +172,60 @@ def show(
     _checked_store(store, must_exist=True)
 
     async def go() -> SagaRun:
-        # With no definitions registered, opening it claims nothing: it only reads.
-        async with Orchestrator(store, sagas=[]) as orch:
+        # A client (worker=False) claims and recovers nothing: it only reads.
+        async with Orchestrator(store, worker=False) as orch:
             return await orch.get(run_id)
 
     out.print(render.run_details(_run(go())))
+
+
+@app.command()
+def worker(
+    app_spec: Annotated[
+        str,
+        typer.Option("--app", metavar="MODULE:ATTR",
+                     help="Where your Orchestrator is, e.g. shop.sagas:orchestrator "
+                          "(ATTR() calls a factory)."),
+    ],
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING…")]
+    = "INFO",
+) -> None:
+    """Run a worker: drive and recover runs of your sagas until SIGTERM or SIGINT.
+
+    Several workers on one PostgreSQL saga log share the work through leases. On SIGTERM the
+    worker releases its leases so the others resume its runs at once.
+    """
+    logging.basicConfig(
+        stream=sys.stderr, level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    try:
+        orch = load_app(app_spec)
+    except (ImportError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--app") from exc
+    _run(serve(orch))
+
+
+@app.command()
+def migrate(store: Store = DEFAULT_STORE) -> None:
+    """Apply the saga log's schema migrations (safe to run from many processes at once)."""
+    try:
+        target = open_store(store)
+    except SagawayError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from exc
+
+    target.migrate_on_open = False
+
+    async def go() -> list[str]:
+        async with target:
+            return await target.migrate()
+
+    applied = _run(go())
+    where = target.url.split("@")[-1]
+    if applied:
+        out.print(f"applied {len(applied)} migration(s) to {where}: {', '.join(applied)}")
+    else:
+        out.print(f"the saga log at {where} is up to date")
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ STATUS_STYLE: Mapping[SagaStatus, str] = {
 # kind -> (marker, style, what the line says)
 _KINDS: Mapping[str, tuple[str, str, str]] = {
     "run.started": ("▶", "bold cyan", "run started"),
-    "run.recovered": ("⚡", "bold magenta", "run recovered by a new worker"),
+    "run.recovered": ("↯", "bold magenta", "run recovered by a new worker"),
     "run.compensating": ("↩", "bold yellow", "compensating"),
     "run.finished": ("■", "bold", "run finished"),
     "step.started": ("→", "cyan", "started"),
@@ -55,13 +55,13 @@ _KINDS: Mapping[str, tuple[str, str, str]] = {
     "step.retry_scheduled": ("⟳", "yellow", "retry scheduled"),
     "step.gave_up": ("✘", "bold red", "gave up"),
     "step.cancelled": ("·", "bright_black", "retry cancelled"),
-    "step.interrupted": ("⚡", "magenta", "interrupted: the worker died mid-attempt"),
+    "step.interrupted": ("↯", "magenta", "interrupted: the worker died mid-attempt"),
     "compensation.started": ("↩", "yellow", "compensation started"),
     "compensation.succeeded": ("↩", "green", "compensated"),
     "compensation.failed": ("✘", "red", "compensation failed"),
     "compensation.retry_scheduled": ("⟳", "yellow", "compensation retry scheduled"),
     "compensation.gave_up": ("✘", "bold red", "compensation gave up"),
-    "compensation.interrupted": ("⚡", "magenta", "compensation interrupted"),
+    "compensation.interrupted": ("↯", "magenta", "compensation interrupted"),
     "event.ignored": ("·", "bright_black", "ignored"),
 }
 
@@ -90,6 +90,15 @@ def when(at: float, now: float | None = None) -> str:
     return time.strftime("%Y-%m-%d", local)
 
 
+def _status(entry: HistoryEntry) -> SagaStatus | None:
+    """The status a ``run.finished`` entry records (None for another kind, or an unknown one)."""
+    value = (entry.data or {}).get("status") if entry.kind == "run.finished" else None
+    try:
+        return None if value is None else SagaStatus(value)
+    except ValueError:
+        return None
+
+
 def duration_ms(history: Sequence[HistoryEntry]) -> float:
     return (history[-1].at - history[0].at) * 1000 if history else 0.0
 
@@ -97,7 +106,7 @@ def duration_ms(history: Sequence[HistoryEntry]) -> float:
 def _details(entry: HistoryEntry) -> str:
     data = dict(entry.data or {})
     parts: list[str] = []
-    if entry.kind == "run.finished":
+    if _status(entry) is not None:
         data.pop("status", None)
     if entry.kind == "step.gave_up":
         data.pop("error", None)  # the failure just before it says why
@@ -121,8 +130,8 @@ def _details(entry: HistoryEntry) -> str:
 
 def _what(entry: HistoryEntry, compensations: Mapping[str, str]) -> tuple[str, str, str]:
     marker, style, what = _KINDS.get(entry.kind, ("·", "", entry.kind))
-    if entry.kind == "run.finished" and entry.data and "status" in entry.data:
-        status = SagaStatus(entry.data["status"])
+    status = _status(entry)
+    if status is not None:
         return marker, STATUS_STYLE.get(status, style), f"run finished {status.value}"
     undo = compensations.get(entry.step or "")
     if entry.kind.startswith("compensation.") and undo:
@@ -171,9 +180,9 @@ def timeline_table(history: Sequence[HistoryEntry],
     for entry in history:
         marker, style, _ = _what(entry, names)
         details = Text(_details(entry), style="bright_black")
-        if entry.kind == "run.finished" and entry.data and "status" in entry.data:
-            details = Text.assemble(status_text(SagaStatus(entry.data["status"])), " ",
-                                    details)
+        status = _status(entry)
+        if status is not None:
+            details = Text.assemble(status_text(status), " ", details)
         elif entry.kind.startswith("compensation.") and names.get(entry.step or ""):
             details = Text.assemble((names[entry.step or ""], "yellow"), " ", details)
         table.add_row(
@@ -270,7 +279,7 @@ def run_details(run: SagaRun, compensations: Mapping[str, str] | None = None
     head.add_row("status", status_text(run.status))
     head.add_row("created", clock_time(run.created_at, date=True))
     head.add_row("updated", clock_time(run.updated_at, date=True))
-    if run.history:
+    if run.history and run.finished:
         head.add_row("duration", f"{duration_ms(run.history):.0f} ms")
     if run.idempotency_key:
         head.add_row("start key", run.idempotency_key)

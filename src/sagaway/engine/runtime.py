@@ -114,6 +114,8 @@ class _Driver:
     claim_seq: int = 0
     """When it became ours, on this worker's claim counter (see _renew_loop)."""
     transitions: int = 0
+    releasing: bool = False
+    """Its final transition, which also drops the lease, is being committed."""
 
 
 class RunHandle:
@@ -199,6 +201,8 @@ class Orchestrator:
         self._max_threads = max_threads
         self._threads: ThreadPoolExecutor | None = None
         self._drivers: dict[str, _Driver] = {}
+        # Finished runs, kept briefly so wait() reads them from memory; not counted as load.
+        self._finished: dict[str, _Driver] = {}
         self._committer: GroupCommitter | None = None
         self._background: list[asyncio.Task[None]] = []
         self._poll_now = asyncio.Event()
@@ -293,6 +297,7 @@ class Orchestrator:
             log.warning("could not release leases on close (they expire in %.0fs): %s",
                         self.lease_seconds, exc)
         self._drivers.clear()
+        self._finished.clear()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
@@ -427,7 +432,7 @@ class Orchestrator:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            driver = self._drivers.get(run_id)
+            driver = self._drivers.get(run_id) or self._finished.get(run_id)
             if driver is not None and driver.done.is_set() and driver.history is not None \
                     and driver.state.status.finished:
                 return self._snapshot_from_driver(driver)
@@ -456,8 +461,10 @@ class Orchestrator:
     def _snapshot(self, record: RunRecord) -> SagaRun:
         state = RunState.from_json(record.state) if record.state else RunState()
         error = record.error
-        if record.status.finished is False and (record.saga, record.version) not in \
-                self._definitions:
+        # Only a worker that knows this saga by name, but not this version, can say so; a
+        # reader with no definitions (the CLI) reports the run as stored.
+        if (not record.status.finished and record.saga in self._latest
+                and (record.saga, record.version) not in self._definitions):
             error = (
                 f"saga {record.saga!r} version {record.version} is not registered in this "
                 f"worker, so it cannot drive this run; deploy a worker that registers it"
@@ -528,8 +535,10 @@ class Orchestrator:
             raise
         else:
             self._cancel_timer(d)
+            if self._drivers.get(d.run_id) is d:
+                del self._drivers[d.run_id]
+            self._finished[d.run_id] = d
             d.done.set()
-            # Finished runs are kept briefly so wait() can read them from memory.
             asyncio.get_running_loop().call_later(
                 max(self.poll_interval, 5.0), self._forget, d
             )
@@ -538,6 +547,9 @@ class Orchestrator:
                       history: builtins.list[HistoryEntry]) -> None:
         committer = self._require_open()
         now = history[-1].at if history else self.clock.now()
+        # The write that finishes the run drops its lease too: a renewal answered while it is
+        # in flight must not take the run for lost.
+        d.releasing = state.status.finished
         ok = await committer.update(
             RunUpdate(
                 run_id=d.run_id,
@@ -624,8 +636,8 @@ class Orchestrator:
         d.done.set()
 
     def _forget(self, d: _Driver) -> None:
-        if self._drivers.get(d.run_id) is d:
-            del self._drivers[d.run_id]
+        if self._finished.get(d.run_id) is d:
+            del self._finished[d.run_id]
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if inspect.iscoroutinefunction(fn):
@@ -777,7 +789,8 @@ class Orchestrator:
             # ours before the renewal was sent count; later claims are not in its answer.
             lost = [d for rid, d in self._drivers.items()
                     if rid not in held and d.committed and d.claim_seq <= seq
-                    and not d.done.is_set() and not d.state.status.finished]
+                    and not d.done.is_set() and not d.state.status.finished
+                    and not d.releasing]
             for d in lost:
                 log.warning("run %s: lease lost; stopping", d.run_id)
                 self._stop_driver(d)

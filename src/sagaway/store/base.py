@@ -109,10 +109,22 @@ class Store(abc.ABC):
     """A saga log. Async; safe to share between the tasks of one event loop."""
 
     url: str = ""
+    migrate_on_open: bool = True
+    """Whether ``open()`` applies pending migrations."""
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Connect and apply migrations. Idempotent."""
+        """Connect and (unless the store was built with ``migrate=False``) apply migrations.
+
+        Idempotent.
+        """
+
+    async def migrate(self) -> list[str]:
+        """Apply pending schema migrations; return the names applied. Idempotent.
+
+        The default suits stores without a schema (memory).
+        """
+        return []
 
     @abc.abstractmethod
     async def aclose(self) -> None:

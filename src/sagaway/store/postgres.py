@@ -96,6 +96,7 @@ class PostgresStore(Store):
         command_timeout: seconds before a statement is abandoned.
         schema: a PostgreSQL schema to keep sagaway's tables in (created if missing);
             also ``?schema=name`` in the URL. Default: the connection's search_path.
+            ``?migrate=false`` in the URL is ``migrate=False``.
         clock: stamp leases with this clock instead of the database's (for tests with
             virtual time only: several workers must share one clock).
     """
@@ -116,11 +117,14 @@ class PostgresStore(Store):
         for key, value in query:
             if key == "schema":
                 schema = value
+            elif key == "migrate":
+                migrate = value.lower() not in ("false", "0", "no")
         if schema is not None and not _IDENT.match(schema):
             raise StoreError(f"schema {schema!r} is not a plain identifier ([a-z_][a-z0-9_]*)")
         self.url = dsn
         self.dsn = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"]))
+            parts._replace(query=urlencode(
+                [(k, v) for k, v in query if k not in ("schema", "migrate")]))
         )
         self.schema = schema
         self._clock = clock

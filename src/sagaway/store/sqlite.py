@@ -80,6 +80,7 @@ class SQLiteStore(Store):
         synchronous: SQLite's ``synchronous`` pragma; FULL (default) survives power loss.
         busy_timeout: seconds to wait for another process's write lock.
         clock: the clock leases are stamped with (the local clock: the file is local).
+        migrate: apply pending schema migrations on ``open()``.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class SQLiteStore(Store):
         synchronous: str = "FULL",
         busy_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        migrate: bool = True,
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNC_MODES:
@@ -98,6 +100,7 @@ class SQLiteStore(Store):
         self.synchronous = mode
         self.busy_timeout = busy_timeout
         self._clock = clock
+        self.migrate_on_open = migrate
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -111,7 +114,7 @@ class SQLiteStore(Store):
         if not path:
             raise StoreError(f"no database file in {url!r}; use sqlite:///path/to/sagas.db")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(query) - {"synchronous", "busy_timeout"}
+        unknown = set(query) - {"synchronous", "busy_timeout", "migrate"}
         if unknown:
             raise StoreError(f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}")
         try:
@@ -121,7 +124,8 @@ class SQLiteStore(Store):
                 f"busy_timeout must be a number of seconds, got {query['busy_timeout']!r} "
                 f"in {url!r}"
             ) from None
-        return cls(path, synchronous=query.get("synchronous", "FULL"), busy_timeout=busy_timeout)
+        return cls(path, synchronous=query.get("synchronous", "FULL"), busy_timeout=busy_timeout,
+                   migrate=query.get("migrate", "true").lower() not in ("false", "0", "no"))
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -164,11 +168,15 @@ class SQLiteStore(Store):
                 time.sleep(0.01)
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        self._migrate(conn)
+        if self.migrate_on_open:
+            self._migrate(conn)
         return conn
 
+    async def migrate(self) -> list[str]:
+        return await self._run(self._migrate)
+
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
+    def _migrate(conn: sqlite3.Connection) -> list[str]:
         # BEGIN IMMEDIATE takes the write lock first, so two processes opening the same new
         # file cannot both apply a migration.
         conn.execute("BEGIN IMMEDIATE")
@@ -178,6 +186,7 @@ class SQLiteStore(Store):
                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             done = {r[0] for r in conn.execute("SELECT version FROM sagaway_migrations")}
+            applied: list[str] = []
             for version, name, sql in migration_files("sqlite"):
                 if version in done:
                     continue
@@ -187,7 +196,9 @@ class SQLiteStore(Store):
                 conn.execute(
                     "INSERT INTO sagaway_migrations VALUES (?, ?, ?)", (version, name, time.time())
                 )
+                applied.append(name)
             conn.execute("COMMIT")
+            return applied
         except BaseException:
             conn.execute("ROLLBACK")
             raise
