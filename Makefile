@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/sagaway demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest
 
