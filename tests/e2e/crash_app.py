@@ -4,16 +4,18 @@ A 3-step saga whose steps are idempotent participants writing to a ledger in a *
 SQLite file. The process can SIGKILL itself at a chosen durable transition of one run, or
 inside a step right after the step's effect is committed but before the step returns.
 
-    python crash_app.py start  --dir D --runs N --target-run I [--fail-at STEP]
+    python crash_app.py start  --dir D [--store URL] --runs N --target-run I [--fail-at STEP]
                                [--crash-after K | --crash-in-step STEP:action|compensation]
-    python crash_app.py resume --dir D --runs N [--fail-at STEP] [--timeout S]
+    python crash_app.py resume --dir D [--store URL] --runs N [--fail-at STEP] [--timeout S]
 
-``start`` creates ``D/sagas.db`` (saga log) and ``D/ledger.db`` (the participants' side),
-starts N runs with client keys ``crash-0..N-1`` and waits for them; without a crash option it
-prints, as JSON, how many durable transitions each run took (a clean run, used to derive
-the crash points). ``resume`` plays a restarted service: it re-sends the same N starts (as a
-client retrying would; the keys make that idempotent), then waits until every run in the
-log has finished. Exit codes: 0 done, 3 some run did not finish in time, -9 killed.
+``start`` opens the saga log given by ``--store URL`` (default: the SQLite file
+``D/sagas.db``; a ``postgresql://host/db?schema=NAME`` URL keeps it in that schema) and
+creates ``D/ledger.db`` (the participants' side), starts N runs with client keys
+``crash-0..N-1`` and waits for them; without a crash option it prints, as JSON, how many
+durable transitions each run took (a clean run, used to derive the crash points).
+``resume`` plays a restarted service: it re-sends the same N starts (as a client retrying
+would; the keys make that idempotent), then waits until every run in the log has finished.
+Exit codes: 0 done, 3 some run did not finish in time, -9 killed.
 
 Ledger tables (ledger.db):
 
@@ -85,6 +87,11 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
+
+
+def store_url(directory: Path) -> str:
+    """The default saga log: a SQLite file next to the ledger."""
+    return f"sqlite:///{directory / 'sagas.db'}"
 
 
 def init_ledger(path: Path) -> None:
@@ -226,7 +233,7 @@ async def _wait_all(orch: Orchestrator, run_ids: list[str], timeout: float) -> l
 async def cmd_start(args: argparse.Namespace) -> int:
     listener = CrashAfter(args.target_run, args.crash_after)
     async with Orchestrator(
-        f"sqlite:///{args.dir / 'sagas.db'}",
+        args.store,
         sagas=[build_saga()],
         lease_seconds=LEASE_SECONDS,
         poll_interval=POLL_INTERVAL,
@@ -244,7 +251,7 @@ async def cmd_start(args: argparse.Namespace) -> int:
 
 async def cmd_resume(args: argparse.Namespace) -> int:
     async with Orchestrator(
-        f"sqlite:///{args.dir / 'sagas.db'}",
+        args.store,
         sagas=[build_saga()],
         lease_seconds=LEASE_SECONDS,
         poll_interval=POLL_INTERVAL,
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("start", "resume"):
         p = sub.add_parser(mode)
         p.add_argument("--dir", type=Path, required=True)
+        p.add_argument("--store", default=None, metavar="URL",
+                       help="the saga log's store URL (default: sqlite:///DIR/sagas.db)")
         p.add_argument("--runs", type=int, default=3)
         p.add_argument("--fail-at", choices=STEPS, default=None)
         p.add_argument("--timeout", type=float, default=20.0)
@@ -280,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                                metavar="STEP:KIND")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
+    if args.store is None:
+        args.store = store_url(args.dir)
     Config.ledger = args.dir / "ledger.db"
     init_ledger(Config.ledger)
     if args.mode == "start":

@@ -1,13 +1,17 @@
 """Kill -9 the orchestrator at every durable transition and inside every step; restart; check.
 
-For each scenario (the forward path, and a run that fails at step3 and compensates) a clean
+For each backend of the saga log (SQLite, PostgreSQL) and each scenario (the forward path,
+and a run that fails at step3 and compensates) a clean
 run of ``crash_app.py`` first tells how many durable transitions a run takes and which
 actions and compensations it invokes. Those are the crash points: "after transition K" (the
 listener kills the process right after the K-th transition of the target run is durable,
 before the step it starts is invoked) and "in STEP:KIND" (the step kills the process after
 its effect is committed in the ledger, before it returns, so the success is not durable).
-For each point, in a fresh directory: ``start`` (3 runs; must die by SIGKILL), ``resume``
-(must finish every run), then the saga log (via the public API) and the ledger are checked:
+For each point, in a fresh directory and a fresh saga log (a SQLite file there, or a
+PostgreSQL schema of its own, dropped afterwards): ``start`` (3 runs; must die by SIGKILL),
+``resume`` (must finish every run), then the saga log (via the public API) and the ledger (a
+SQLite file per point: the participants' own database, whatever the log's backend) are
+checked:
 
 * lost: a run the client was told about (or whose steps ran) missing from the log, or a
   key that does not map to exactly one run;
@@ -27,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +51,7 @@ RUNS = 3
 TARGET = 1  # the middle run: one run is started before it, one after
 STEPS = ("step1", "step2", "step3")
 SCENARIOS = {"forward": None, "compensation": "step3"}
+BACKENDS = ("sqlite", "postgres")
 PARALLEL = 4  # crash points run concurrently; most of their time is the 1 s lease expiry
 START_TIMEOUT = 30.0
 RESUME_TIMEOUT = 45.0  # the app gives up waiting after 20 s, so this only catches a hang
@@ -114,13 +120,57 @@ class Figure:
                     or self.problems)
 
 
+# -- saga logs ------------------------------------------------------------------------------
+
+
+class Logs:
+    """Hands out a fresh saga log per crash point; the PostgreSQL schemas are dropped after."""
+
+    def __init__(self, backend: str, base_url: str | None = None) -> None:
+        self.backend = backend
+        self.base_url = base_url
+        self.schemas: list[str] = []
+
+    def new(self, directory: Path) -> str:
+        if self.base_url is None:
+            return f"sqlite:///{directory / 'sagas.db'}"
+        schema = f"crash_{uuid.uuid4().hex}"
+        self.schemas.append(schema)
+        sep = "&" if "?" in self.base_url else "?"
+        return f"{self.base_url}{sep}schema={schema}"
+
+    async def drop(self) -> None:
+        if self.base_url is None or not self.schemas:
+            return
+        import asyncpg
+
+        conn = await asyncpg.connect(self.base_url, timeout=10)
+        try:
+            for schema in self.schemas:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def logs(request: pytest.FixtureRequest) -> Iterator[Logs]:
+    if request.param == "postgres":
+        # Skips (or fails under CI=true) exactly like the other PostgreSQL tests.
+        log = Logs("postgres", request.getfixturevalue("postgres_base_url"))
+    else:
+        log = Logs("sqlite")
+    yield log
+    asyncio.run(log.drop())
+
+
 # -- running the app ------------------------------------------------------------------------
 
 
-def _app(mode: str, directory: Path, fail_at: str | None, *extra: str,
+def _app(mode: str, directory: Path, store: str, fail_at: str | None, *extra: str,
          timeout: float) -> subprocess.CompletedProcess[str] | None:
     """Run crash_app.py; None if it hung (it is killed then)."""
-    args = [sys.executable, str(APP), mode, "--dir", str(directory), "--runs", str(RUNS)]
+    args = [sys.executable, str(APP), mode, "--dir", str(directory), "--store", store,
+            "--runs", str(RUNS)]
     if fail_at:
         args += ["--fail-at", fail_at]
     try:
@@ -135,43 +185,44 @@ def _tail(proc: subprocess.CompletedProcess[str]) -> str:
     return text[-1500:]
 
 
-def clean_run(directory: Path, fail_at: str | None) -> tuple[dict[str, Any], Outcome]:
+def clean_run(directory: Path, store: str, fail_at: str | None
+              ) -> tuple[dict[str, Any], Outcome]:
     """Run the scenario without a crash; return the app's report and the verdict."""
     outcome = Outcome("clean run")
-    proc = _app("start", directory, fail_at, "--target-run", str(TARGET),
+    proc = _app("start", directory, store, fail_at, "--target-run", str(TARGET),
                 timeout=START_TIMEOUT)
     if proc is None or proc.returncode != 0:
         pytest.fail(f"the clean run failed: {proc and _tail(proc)}")
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    verify(directory, fail_at, outcome)
+    verify(directory, store, fail_at, outcome)
     return report, outcome
 
 
-def crash_point(directory: Path, fail_at: str | None, label: str, crash: list[str]
-                ) -> Outcome:
+def crash_point(directory: Path, store: str, fail_at: str | None, label: str,
+                crash: list[str]) -> Outcome:
     outcome = Outcome(label)
-    start = _app("start", directory, fail_at, "--target-run", str(TARGET), *crash,
+    start = _app("start", directory, store, fail_at, "--target-run", str(TARGET), *crash,
                  timeout=START_TIMEOUT)
     if start is None:
         outcome.problem("start hung (killed)")
     elif start.returncode != -signal.SIGKILL:
         outcome.problem(f"start exited {start.returncode}, expected SIGKILL (the crash "
                         f"point was not reached): {_tail(start)}")
-    resume = _app("resume", directory, fail_at, timeout=RESUME_TIMEOUT)
+    resume = _app("resume", directory, store, fail_at, timeout=RESUME_TIMEOUT)
     if resume is None:
         outcome.problem("resume hung (killed)")
     elif resume.returncode != 0:
         outcome.problem(f"resume exited {resume.returncode}: {_tail(resume)}")
-    verify(directory, fail_at, outcome)
+    verify(directory, store, fail_at, outcome)
     return outcome
 
 
 # -- checking -----------------------------------------------------------------------------
 
 
-async def _read_log(db: Path) -> list[SagaRun]:
+async def _read_log(store: str) -> list[SagaRun]:
     # No saga registered: this orchestrator can read the log but never claims a run.
-    async with Orchestrator(f"sqlite:///{db}", poll_interval=60.0) as orch:
+    async with Orchestrator(store, poll_interval=60.0) as orch:
         return [await orch.get(r.id) for r in await orch.list(limit=10_000)]
 
 
@@ -179,8 +230,8 @@ def _rows(conn: sqlite3.Connection, sql: str) -> list[sqlite3.Row]:
     return list(conn.execute(sql))
 
 
-def verify(directory: Path, fail_at: str | None, o: Outcome) -> None:
-    runs = asyncio.run(_read_log(directory / "sagas.db"))
+def verify(directory: Path, store: str, fail_at: str | None, o: Outcome) -> None:
+    runs = asyncio.run(_read_log(store))
     with closing(sqlite3.connect(directory / "ledger.db")) as conn:
         conn.row_factory = sqlite3.Row
         invocations = _rows(conn, "SELECT * FROM invocations ORDER BY id")
@@ -297,18 +348,20 @@ def verify(directory: Path, fail_at: str | None, o: Outcome) -> None:
 
 
 @pytest.fixture(scope="module")
-def total() -> Iterator[Figure]:
-    figure = Figure()
-    yield figure
-    if figure.crash_points:
-        print("\n" + figure.render("sagaway crash test, all scenarios"))
+def totals() -> Iterator[dict[str, Figure]]:
+    figures = {backend: Figure() for backend in BACKENDS}
+    yield figures
+    for backend, figure in figures.items():
+        if figure.crash_points:
+            print("\n" + figure.render(f"sagaway crash test on {backend}, all scenarios"))
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_crash_points(scenario: str, tmp_path: Path, total: Figure) -> None:
+def test_crash_points(scenario: str, logs: Logs, tmp_path: Path,
+                      totals: dict[str, Figure]) -> None:
     fail_at = SCENARIOS[scenario]
     began = time.monotonic()
-    report, clean = clean_run(tmp_path / "clean", fail_at)
+    report, clean = clean_run(tmp_path / "clean", logs.new(tmp_path / "clean"), fail_at)
     assert not clean.problems, "\n".join(clean.problems)
     transitions = report["transitions"][TARGET]
     steps_path = [" + ".join(kinds) for kinds in report["target_transitions"]]
@@ -325,10 +378,12 @@ def test_crash_points(scenario: str, tmp_path: Path, total: Figure) -> None:
     ]
     points += [(f"inside {step}:{kind}", ["--crash-in-step", f"{step}:{kind}"])
                for step, kind in invoked]
+    runs = [(tmp_path / f"p{i}", label, crash) for i, (label, crash) in enumerate(points)]
+    stores = [logs.new(directory) for directory, _, _ in runs]
     with ThreadPoolExecutor(PARALLEL) as pool:
         outcomes = list(pool.map(
-            lambda ip: crash_point(tmp_path / f"p{ip[0]}", fail_at, ip[1][0], ip[1][1]),
-            enumerate(points),
+            lambda run, store: crash_point(run[0], store, fail_at, run[1], run[2]),
+            runs, stores,
         ))
 
     figure = Figure()
@@ -336,8 +391,8 @@ def test_crash_points(scenario: str, tmp_path: Path, total: Figure) -> None:
     for o in outcomes:
         figure.add(o)
     figure.seconds = time.monotonic() - began
-    total.merge(figure)
-    text = figure.render(f"sagaway crash test, {scenario} path")
+    totals[logs.backend].merge(figure)
+    text = figure.render(f"sagaway crash test on {logs.backend}, {scenario} path")
     print("\n" + text)
     ok = figure.ok
     assert ok, text + "\n" + "\n".join(figure.problems)
