@@ -202,17 +202,28 @@ class Saga:
         self._steps: dict[str, Step] = {}
         # Each stage is a tuple of step names that run concurrently; most stages hold one.
         self._stages: list[tuple[str, ...]] = []
+        # Built on first use and dropped when the shape changes: the decider reads these on
+        # every event, so they must not be rebuilt each time.
+        self._steps_cache: list[Step] | None = None
+        self._stages_cache: list[tuple[Step, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"<Saga {self.name} v{self.version}: {' -> '.join(self._steps)}>"
 
     @property
     def steps(self) -> list[Step]:
-        return list(self._steps.values())
+        if self._steps_cache is None:
+            self._steps_cache = list(self._steps.values())
+        return self._steps_cache
 
     @property
     def stages(self) -> list[tuple[Step, ...]]:
-        return [tuple(self._steps[n] for n in stage) for stage in self._stages]
+        if self._stages_cache is None:
+            self._stages_cache = [tuple(self._steps[n] for n in stage) for stage in self._stages]
+        return self._stages_cache
+
+    def _shape_changed(self) -> None:
+        self._steps_cache = self._stages_cache = None
 
     def __getitem__(self, name: str) -> Step:
         return self._steps[name]
@@ -297,6 +308,7 @@ class Saga:
             )
             self._steps[step_name] = s
             self._stages.append((step_name,))
+            self._shape_changed()
             return s
 
         if fn is not None:
@@ -334,6 +346,7 @@ class Saga:
             )
         merged = tuple(self._stages[i][0] for i in positions)
         self._stages[positions[0] : positions[-1] + 1] = [merged]
+        self._shape_changed()
 
     def validate(self) -> None:
         """Check the whole definition; resolve each step's kind. Raises DefinitionError."""

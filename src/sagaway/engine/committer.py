@@ -70,8 +70,9 @@ class GroupCommitter:
         future: asyncio.Future[CreateResult | bool] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(op, future))
         self._wakeup.set()
-        # Shielded: a caller cancelled mid-commit must not abandon a write already in flight.
-        return await asyncio.shield(future)
+        # A caller cancelled while waiting only stops listening: the write still happens (or
+        # not) as part of its batch, and recovery reads whatever became durable.
+        return await future
 
     async def _loop(self) -> None:
         while True:

@@ -47,7 +47,11 @@ def to_json_value(value: Any, *, what: str) -> Any:
 
 
 def encode(value: Any, *, what: str, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tuple[Any, str]:
-    """Return (plain JSON value, its canonical text); check it is JSON and within ``limit``."""
+    """Return (plain JSON value, its canonical text); check it is JSON and within ``limit``.
+
+    The plain value is what a reload of the text gives (pydantic's JSON mode already turns
+    keys into strings and tuples into lists), so no second parse is needed.
+    """
     plain = to_json_value(value, what=what)
     try:
         text = json.dumps(plain, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
@@ -65,7 +69,7 @@ def encode(value: Any, *, what: str, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
             size=size,
             limit=limit,
         )
-    return json.loads(text), text
+    return plain, text
 
 
 def decode(text: str | None) -> Any:

@@ -37,6 +37,7 @@ from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprin
 from sagaway.engine.state import (
     ActionFailed,
     ActionSucceeded,
+    Command,
     CompensationFailed,
     CompensationSucceeded,
     Event,
@@ -201,8 +202,6 @@ class Orchestrator:
         self._max_threads = max_threads
         self._threads: ThreadPoolExecutor | None = None
         self._drivers: dict[str, _Driver] = {}
-        # Finished runs, kept briefly so wait() reads them from memory; not counted as load.
-        self._finished: dict[str, _Driver] = {}
         self._committer: GroupCommitter | None = None
         self._background: list[asyncio.Task[None]] = []
         self._poll_now = asyncio.Event()
@@ -297,7 +296,6 @@ class Orchestrator:
             log.warning("could not release leases on close (they expire in %.0fs): %s",
                         self.lease_seconds, exc)
         self._drivers.clear()
-        self._finished.clear()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
@@ -431,28 +429,39 @@ class Orchestrator:
         store that is briefly unreachable (a database restart) is waited out, not raised.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            driver = self._drivers.get(run_id) or self._finished.get(run_id)
-            if driver is not None and driver.done.is_set() and driver.history is not None \
-                    and driver.state.status.finished:
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        driver = self._drivers.get(run_id)
+        if driver is not None:
+            try:
+                async with asyncio.timeout(remaining()):
+                    await driver.done.wait()
+            except TimeoutError:
+                raise WaitTimeout(f"run {run_id} did not finish within {timeout}s") from None
+            if driver.state.status.finished and driver.history is not None:
                 return self._snapshot_from_driver(driver)
-            if driver is None or driver.done.is_set():
-                try:
-                    snap = await self.get(run_id)
-                except StoreError as exc:
-                    log.debug("wait(%s): store unavailable, retrying: %s", run_id, exc)
-                else:
-                    if snap.finished:
-                        return snap
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            # Handed over (lease lost, store error) or recovered here: ask the store.
+        while True:
+            try:
+                snap = await self.get(run_id)
+            except StoreError as exc:
+                log.debug("wait(%s): store unavailable, retrying: %s", run_id, exc)
+            else:
+                if snap.finished:
+                    return snap
+            left = remaining()
+            if left is not None and left <= 0:
                 raise WaitTimeout(f"run {run_id} did not finish within {timeout}s")
-            pause = 0.1 if remaining is None else min(0.1, remaining)
-            if driver is not None and not driver.done.is_set():
-                pause = self.poll_interval if remaining is None else min(self.poll_interval,
-                                                                         remaining)
+            driver = self._drivers.get(run_id)
+            pause = 0.1 if left is None else min(0.1, left)
+            if driver is not None:
+                # Driven here now (adopted by recovery): its end wakes us sooner.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(driver.done.wait(), pause)
+                    async with asyncio.timeout(max(pause, self.poll_interval)
+                                               if left is None else left):
+                        await driver.done.wait()
             else:
                 await asyncio.sleep(pause)
 
@@ -508,14 +517,24 @@ class Orchestrator:
 
     async def _drive(self, d: _Driver, commands: builtins.list[Any]) -> None:
         try:
-            self._execute(d, commands)
-            while not d.state.status.finished:
-                event = await d.events.get()
+            while True:
+                if (len(commands) == 1 and not d.invocations and d.events.empty()
+                        and d.state.wake_at is None):
+                    # The common sequential case: nothing else can happen to this run until
+                    # the one invocation returns, so run it here rather than as a task.
+                    self._cancel_timer(d)
+                    event = await self._invoke(d, commands[0])
+                else:
+                    self._execute(d, commands)
+                    if d.state.status.finished:
+                        break
+                    event = await d.events.get()
                 decision = decide(d.saga, d.run_id, d.state, event)
-                if not decision.history:
-                    continue
-                await self._commit(d, decision.state, decision.history)
-                self._execute(d, decision.commands)
+                commands = decision.commands
+                if decision.history:
+                    await self._commit(d, decision.state, decision.history)
+                if d.state.status.finished:
+                    break
         except LeaseLost:
             log.warning("run %s: another worker took it over; this worker stops driving it",
                         d.run_id)
@@ -535,13 +554,11 @@ class Orchestrator:
             raise
         else:
             self._cancel_timer(d)
+            # Gone from memory at once: a wait() in progress holds the driver and reads the
+            # final snapshot from it; a later one reads the store.
             if self._drivers.get(d.run_id) is d:
                 del self._drivers[d.run_id]
-            self._finished[d.run_id] = d
             d.done.set()
-            asyncio.get_running_loop().call_later(
-                max(self.poll_interval, 5.0), self._forget, d
-            )
 
     async def _commit(self, d: _Driver, state: RunState,
                       history: builtins.list[HistoryEntry]) -> None:
@@ -586,16 +603,18 @@ class Orchestrator:
 
     def _execute(self, d: _Driver, commands: builtins.list[Any]) -> None:
         for cmd in commands:
-            if isinstance(cmd, InvokeAction):
-                coro = self._invoke_action(d, cmd)
-            elif isinstance(cmd, InvokeCompensation):
-                coro = self._invoke_compensation(d, cmd)
-            else:  # pragma: no cover - the decider emits only these
-                raise AssertionError(f"unknown command {cmd!r}")
-            task = asyncio.create_task(coro)
+            task = asyncio.create_task(self._invoke_into_queue(d, cmd))
             d.invocations.add(task)
             task.add_done_callback(d.invocations.discard)
         self._arm_timer(d)
+
+    async def _invoke_into_queue(self, d: _Driver, cmd: Command) -> None:
+        d.events.put_nowait(await self._invoke(d, cmd))
+
+    async def _invoke(self, d: _Driver, cmd: Command) -> Event:
+        if isinstance(cmd, InvokeAction):
+            return await self._invoke_action(d, cmd)
+        return await self._invoke_compensation(d, cmd)
 
     def _arm_timer(self, d: _Driver) -> None:
         wake_at = d.state.wake_at
@@ -635,10 +654,6 @@ class Orchestrator:
             del self._drivers[d.run_id]
         d.done.set()
 
-    def _forget(self, d: _Driver) -> None:
-        if self._finished.get(d.run_id) is d:
-            del self._finished[d.run_id]
-
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
@@ -663,16 +678,24 @@ class Orchestrator:
             compensating=compensating,
         )
 
-    async def _invoke_action(self, d: _Driver, cmd: InvokeAction) -> None:
+    async def _call_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any
+                           ) -> Any:
+        if timeout is None:
+            return await self._call(fn, *args)
+        async with asyncio.timeout(timeout):
+            return await self._call(fn, *args)
+
+    async def _invoke_action(self, d: _Driver, cmd: InvokeAction) -> Event:
         step = d.saga[cmd.step]
         ctx = self._context(d, step.name, cmd.attempt, compensating=False)
         event: Event
         try:
-            async with asyncio.timeout(step.timeout):
-                result = await self._call(step.action, ctx, d.input)
-        except TimeoutError:
-            event = ActionFailed(step.name, cmd.attempt,
-                                 f"timed out after {step.timeout}s (may have taken effect)",
+            result = await self._call_within(step.timeout, step.action, ctx, d.input)
+        except TimeoutError as exc:
+            # Our timeout, or the step's own (a client timeout): either way the effect may
+            # have happened.
+            what = f"timed out after {step.timeout}s" if step.timeout else _describe(exc)
+            event = ActionFailed(step.name, cmd.attempt, f"{what} (may have taken effect)",
                                  self.clock.now(), retryable=True, maybe_applied=True)
         except asyncio.CancelledError:
             raise
@@ -691,9 +714,9 @@ class Orchestrator:
                                      retryable=False, maybe_applied=True)
             else:
                 event = ActionSucceeded(step.name, cmd.attempt, plain, self.clock.now())
-        d.events.put_nowait(event)
+        return event
 
-    async def _invoke_compensation(self, d: _Driver, cmd: InvokeCompensation) -> None:
+    async def _invoke_compensation(self, d: _Driver, cmd: InvokeCompensation) -> Event:
         step = d.saga[cmd.step]
         fn = step.compensation_fn
         assert fn is not None
@@ -703,12 +726,11 @@ class Orchestrator:
         result = state.result if state is not None and state.succeeded else None
         event: Event
         try:
-            async with asyncio.timeout(step.compensation_timeout):
-                await self._call(fn, ctx, d.input, result)
-        except TimeoutError:
-            event = CompensationFailed(step.name, cmd.attempt,
-                                       f"timed out after {step.compensation_timeout}s",
-                                       self.clock.now())
+            await self._call_within(step.compensation_timeout, fn, ctx, d.input, result)
+        except TimeoutError as exc:
+            what = (f"timed out after {step.compensation_timeout}s"
+                    if step.compensation_timeout else _describe(exc))
+            event = CompensationFailed(step.name, cmd.attempt, what, self.clock.now())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -717,7 +739,7 @@ class Orchestrator:
                                        self.clock.now(), retryable=retryable)
         else:
             event = CompensationSucceeded(step.name, cmd.attempt, self.clock.now())
-        d.events.put_nowait(event)
+        return event
 
     # -- recovery and leases ----------------------------------------------------------------
 

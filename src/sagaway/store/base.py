@@ -17,6 +17,7 @@ Every backend passes ``sagaway.testing.conformance``.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,12 +25,16 @@ from typing import Any
 from sagaway.run import HistoryEntry, SagaStatus
 
 __all__ = [
+    "RUN_COLUMNS",
     "BatchResult",
     "CreateResult",
     "NewRun",
     "RunRecord",
     "RunUpdate",
     "Store",
+    "created_record",
+    "history_from_row",
+    "record_from_row",
 ]
 
 
@@ -103,6 +108,66 @@ class BatchResult:
     created: list[CreateResult] = field(default_factory=list)
     updated: list[bool] = field(default_factory=list)
     """Per update: True if applied, False if fenced (version moved or lease taken)."""
+
+
+# -- helpers for SQL backends -------------------------------------------------------------
+
+RUN_COLUMNS = (
+    "id", "saga", "version", "status", "input", "input_hash", "state", "error",
+    "idempotency_key", "owner", "lease_expires", "wake_at", "row_version", "created_at",
+    "updated_at",
+)
+"""The run columns in the order ``record_from_row`` reads them."""
+
+
+def record_from_row(row: Sequence[Any], history: list[HistoryEntry] | None = None
+                    ) -> RunRecord:
+    """A RunRecord from a row of ``RUN_COLUMNS`` (documents as JSON text)."""
+    return RunRecord(
+        id=row[0],
+        saga=row[1],
+        version=row[2],
+        status=SagaStatus(row[3]),
+        input=json.loads(row[4]),
+        input_hash=row[5],
+        state=json.loads(row[6]),
+        error=row[7],
+        idempotency_key=row[8],
+        owner=row[9],
+        lease_expires=row[10],
+        wake_at=row[11],
+        row_version=row[12],
+        created_at=row[13],
+        updated_at=row[14],
+        history=history,
+    )
+
+
+def history_from_row(row: Sequence[Any]) -> HistoryEntry:
+    """A HistoryEntry from (at, kind, step, attempt, data as JSON text or None)."""
+    return HistoryEntry(at=row[0], kind=row[1], step=row[2], attempt=row[3],
+                        data=json.loads(row[4]) if row[4] else None)
+
+
+def created_record(new: NewRun, owner: str | None, lease_expires: float | None) -> RunRecord:
+    """The row a creation just wrote, without reading it back."""
+    return RunRecord(
+        id=new.id,
+        saga=new.saga,
+        version=new.version,
+        status=new.status,
+        input=json.loads(new.input_json),
+        state=json.loads(json.dumps(new.state)),
+        error=None,
+        idempotency_key=new.idempotency_key,
+        input_hash=new.input_hash,
+        owner=owner,
+        lease_expires=lease_expires,
+        wake_at=new.wake_at,
+        row_version=1,
+        created_at=new.now,
+        updated_at=new.now,
+    )
 
 
 class Store(abc.ABC):

@@ -24,7 +24,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
-from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.base import (
+    RUN_COLUMNS,
+    BatchResult,
+    CreateResult,
+    NewRun,
+    RunRecord,
+    RunUpdate,
+    Store,
+    created_record,
+    history_from_row,
+    record_from_row,
+)
 from sagaway.store.migrations import migration_files
 
 try:
@@ -37,9 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 __all__ = ["PostgresStore"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
-_COLUMNS = (
-    "id, saga, version, status, input::text, input_hash, state::text, error, idempotency_key, "
-    "owner, lease_expires, wake_at, row_version, created_at, updated_at"
+_COLUMNS = ", ".join(
+    f"{c}::text" if c in ("input", "state") else c for c in RUN_COLUMNS
 )
 _RCOLUMNS = ", ".join(
     f"r.{c.strip()}" for c in _COLUMNS.split(",")
@@ -59,27 +69,6 @@ _ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
-
-
-def _record(row: Any, history: list[HistoryEntry] | None = None) -> RunRecord:
-    return RunRecord(
-        id=row[0],
-        saga=row[1],
-        version=row[2],
-        status=SagaStatus(row[3]),
-        input=json.loads(row[4]),
-        input_hash=row[5],
-        state=json.loads(row[6]),
-        error=row[7],
-        idempotency_key=row[8],
-        owner=row[9],
-        lease_expires=row[10],
-        wake_at=row[11],
-        row_version=row[12],
-        created_at=row[13],
-        updated_at=row[14],
-        history=history,
-    )
 
 
 def _dump(value: Any) -> str:
@@ -230,7 +219,7 @@ class PostgresStore(Store):
         async with self._conn() as conn, conn.transaction():
             if creates:
                 inserted = {
-                    r[0]
+                    r[0]: (r[1], r[2])
                     for r in await conn.fetch(
                         f"INSERT INTO sagaway_runs (id, saga, version, status, input, input_hash,"
                         f" state, idempotency_key, owner, lease_expires, wake_at, row_version,"
@@ -243,7 +232,7 @@ class PostgresStore(Store):
                         f" $13::bool[])"
                         f" AS u(id, saga, version, status, input, input_hash, state, key,"
                         f" wake_at, now, leased)"
-                        f" ON CONFLICT DO NOTHING RETURNING id",
+                        f" ON CONFLICT DO NOTHING RETURNING id, owner, lease_expires",
                         [n.id for n in creates],
                         [n.saga for n in creates],
                         [n.version for n in creates],
@@ -260,17 +249,12 @@ class PostgresStore(Store):
                         self._test_now(),
                     )
                 }
-                rows = {
-                    r[0]: r
-                    for r in await conn.fetch(
-                        f"SELECT {_COLUMNS} FROM sagaway_runs WHERE id = ANY($1::text[])",
-                        [n.id for n in creates if n.id in inserted],
-                    )
-                }
                 for new in creates:
                     if new.id in inserted:
                         history.extend((new.id, h) for h in new.history)
-                        result.created.append(CreateResult(_record(rows[new.id]), True))
+                        owner_, lease = inserted[new.id]
+                        result.created.append(CreateResult(created_record(new, owner_, lease),
+                                                           True))
                         continue
                     row = await conn.fetchrow(
                         f"SELECT {_COLUMNS} FROM sagaway_runs "
@@ -279,7 +263,7 @@ class PostgresStore(Store):
                     )
                     if row is None:
                         raise StoreError(f"run id {new.id} already exists")
-                    result.created.append(CreateResult(_record(row), False))
+                    result.created.append(CreateResult(record_from_row(row), False))
             if updates:
                 applied = {
                     r[0]
@@ -354,7 +338,7 @@ class PostgresStore(Store):
                 lease_seconds,
                 self._test_now(),
             )
-        return [_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         async with self._conn() as conn:
@@ -388,15 +372,14 @@ class PostgresStore(Store):
             entries = None
             if history:
                 entries = [
-                    HistoryEntry(at=h[0], kind=h[1], step=h[2], attempt=h[3],
-                                 data=json.loads(h[4]) if h[4] else None)
+                    history_from_row(h)
                     for h in await conn.fetch(
                         "SELECT at, kind, step, attempt, data::text FROM sagaway_history"
                         " WHERE run_id = $1 ORDER BY id",
                         run_id,
                     )
                 ]
-        return _record(row, entries)
+        return record_from_row(row, entries)
 
     async def list_runs(
         self,
@@ -428,4 +411,4 @@ class PostgresStore(Store):
                 f" ORDER BY created_at DESC, id DESC LIMIT ${len(params)}",
                 *params,
             )
-        return [_record(r) for r in rows]
+        return [record_from_row(r) for r in rows]

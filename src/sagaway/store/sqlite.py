@@ -26,7 +26,18 @@ from urllib.parse import parse_qs, urlsplit
 
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
-from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.base import (
+    RUN_COLUMNS,
+    BatchResult,
+    CreateResult,
+    NewRun,
+    RunRecord,
+    RunUpdate,
+    Store,
+    created_record,
+    history_from_row,
+    record_from_row,
+)
 from sagaway.store.migrations import migration_files
 
 __all__ = ["SQLiteStore"]
@@ -35,33 +46,8 @@ T = TypeVar("T")
 
 _ACTIVE = tuple(s.value for s in ACTIVE_STATUSES)
 _ACTIVE_SQL = ", ".join(f"'{s}'" for s in _ACTIVE)
-_COLUMNS = (
-    "id, saga, version, status, input, input_hash, state, error, idempotency_key, owner, "
-    "lease_expires, wake_at, row_version, created_at, updated_at"
-)
+_COLUMNS = ", ".join(RUN_COLUMNS)
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-def _record(row: sqlite3.Row | tuple[Any, ...], history: list[HistoryEntry] | None = None
-            ) -> RunRecord:
-    return RunRecord(
-        id=row[0],
-        saga=row[1],
-        version=row[2],
-        status=SagaStatus(row[3]),
-        input=json.loads(row[4]),
-        input_hash=row[5],
-        state=json.loads(row[6]),
-        error=row[7],
-        idempotency_key=row[8],
-        owner=row[9],
-        lease_expires=row[10],
-        wake_at=row[11],
-        row_version=row[12],
-        created_at=row[13],
-        updated_at=row[14],
-        history=history,
-    )
 
 
 def _history_rows(run_id: str, entries: Sequence[HistoryEntry]) -> list[tuple[Any, ...]]:
@@ -262,10 +248,9 @@ class SQLiteStore(Store):
                 )
                 if cur.rowcount == 1:
                     history.extend(_history_rows(new.id, new.history))
-                    row = conn.execute(
-                        f"SELECT {_COLUMNS} FROM sagaway_runs WHERE id = ?", (new.id,)
-                    ).fetchone()
-                    result.created.append(CreateResult(_record(row), True))
+                    result.created.append(CreateResult(
+                        created_record(new, owner if new.leased else None,
+                                       lease if new.leased else None), True))
                 else:
                     row = conn.execute(
                         f"SELECT {_COLUMNS} FROM sagaway_runs "
@@ -274,7 +259,7 @@ class SQLiteStore(Store):
                     ).fetchone()
                     if row is None:  # an id collision, not a key: cannot happen with uuid7
                         raise sqlite3.IntegrityError(f"run id {new.id} already exists")
-                    result.created.append(CreateResult(_record(row), False))
+                    result.created.append(CreateResult(record_from_row(row), False))
             for upd in updates:
                 cur = conn.execute(
                     "UPDATE sagaway_runs SET status = ?, state = ?, error = ?, wake_at = ?, "
@@ -332,7 +317,7 @@ class SQLiteStore(Store):
                 params,
             ).fetchall()
             conn.execute("COMMIT")
-            return [_record(r) for r in rows]
+            return [record_from_row(r) for r in rows]
 
         return await self._run(tx)
 
@@ -379,15 +364,14 @@ class SQLiteStore(Store):
             entries = None
             if history:
                 entries = [
-                    HistoryEntry(at=h[0], kind=h[1], step=h[2], attempt=h[3],
-                                 data=json.loads(h[4]) if h[4] else None)
+                    history_from_row(h)
                     for h in conn.execute(
                         "SELECT at, kind, step, attempt, data FROM sagaway_history "
                         "WHERE run_id = ? ORDER BY id",
                         (run_id,),
                     )
                 ]
-            return _record(row, entries)
+            return record_from_row(row, entries)
 
         return await self._run(read)
 
@@ -422,6 +406,6 @@ class SQLiteStore(Store):
                 f"ORDER BY created_at DESC, id DESC LIMIT ?",
                 params,
             ).fetchall()
-            return [_record(r) for r in rows]
+            return [record_from_row(r) for r in rows]
 
         return await self._run(read)
