@@ -33,7 +33,8 @@ __all__ = [
     "RunUpdate",
     "Store",
     "created_record",
-    "history_from_row",
+    "history_from_rows",
+    "history_json",
     "record_from_row",
 ]
 
@@ -143,10 +144,14 @@ def record_from_row(row: Sequence[Any], history: list[HistoryEntry] | None = Non
     )
 
 
-def history_from_row(row: Sequence[Any]) -> HistoryEntry:
-    """A HistoryEntry from (at, kind, step, attempt, data as JSON text or None)."""
-    return HistoryEntry(at=row[0], kind=row[1], step=row[2], attempt=row[3],
-                        data=json.loads(row[4]) if row[4] else None)
+def history_json(entries: Sequence[HistoryEntry]) -> str:
+    """One transition's timeline lines as the JSON text a history row stores."""
+    return json.dumps([h.to_json() for h in entries], separators=(",", ":"))
+
+
+def history_from_rows(texts: Sequence[str]) -> list[HistoryEntry]:
+    """The timeline from history rows' JSON texts, in transition order."""
+    return [HistoryEntry.from_json(item) for text in texts for item in json.loads(text)]
 
 
 def created_record(new: NewRun, owner: str | None, lease_expires: float | None) -> RunRecord:

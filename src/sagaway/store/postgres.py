@@ -1,8 +1,9 @@
 """PostgresStore: the production saga log, shared by many workers on many machines.
 
-Driver: asyncpg (the ``[postgres]`` extra). A group-committed batch is one transaction of at
-most four statements whatever its size: creations and history rows go in through
-``unnest`` arrays, and every fenced update of the batch is a single ``UPDATE … FROM unnest``.
+Driver: asyncpg (the ``[postgres]`` extra). A group-committed batch is **one statement**
+whatever its size, so one round trip and atomic without BEGIN/COMMIT: data-modifying CTEs
+insert the creations, apply every fenced update (``UPDATE … FROM unnest(…)``) and append
+one history row per applied transition, all from array parameters.
 
 Leases are stamped with the database clock (``clock_timestamp()``), never a worker's, and
 claims use ``FOR UPDATE SKIP LOCKED`` so workers polling at once never wait on each other.
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagaway.errors import StoreError
-from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
+from sagaway.run import ACTIVE_STATUSES, SagaStatus
 from sagaway.store.base import (
     RUN_COLUMNS,
     BatchResult,
@@ -33,7 +34,8 @@ from sagaway.store.base import (
     RunUpdate,
     Store,
     created_record,
-    history_from_row,
+    history_from_rows,
+    history_json,
     record_from_row,
 )
 from sagaway.store.migrations import migration_files
@@ -47,7 +49,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["PostgresStore"]
 
-_ACTIVE = [s.value for s in ACTIVE_STATUSES]
+# Literal, not a parameter: the planner can then use the partial index on active runs.
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES)
 _COLUMNS = ", ".join(
     f"{c}::text" if c in ("input", "state") else c for c in RUN_COLUMNS
 )
@@ -71,8 +74,50 @@ _ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_COMMIT_SQL = f"""
+WITH ins AS (
+    INSERT INTO sagaway_runs (id, saga, version, status, input, input_hash, state,
+        idempotency_key, owner, lease_expires, wake_at, row_version, created_at, updated_at)
+    SELECT u.id, u.saga, u.version, u.status, u.input::json, u.input_hash, u.state::json, u.key,
+        CASE WHEN u.leased THEN $9 END, CASE WHEN u.leased THEN {_now(14)} + $10 END,
+        u.wake_at, 1, u.now, u.now
+    FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
+        $7::text[], $8::text[], $11::float8[], $12::float8[], $13::bool[])
+        AS u(id, saga, version, status, input, input_hash, state, key, wake_at, now, leased)
+    ON CONFLICT (saga, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, owner, lease_expires
+), upd AS (
+    UPDATE sagaway_runs AS r SET status = u.status, state = u.state::json, error = u.error,
+        wake_at = u.wake_at, row_version = r.row_version + 1, updated_at = u.now,
+        owner = CASE WHEN u.release THEN NULL ELSE r.owner END,
+        lease_expires = CASE WHEN u.release THEN NULL ELSE r.lease_expires END
+    FROM unnest($15::text[], $16::bigint[], $17::text[], $18::text[], $19::text[],
+        $20::float8[], $21::float8[], $22::bool[])
+        AS u(id, expected, status, state, error, wake_at, now, release)
+    WHERE r.id = u.id AND r.id = ANY($15::text[]) AND r.row_version = u.expected
+        AND r.owner = $9
+    RETURNING r.id
+), hist AS (
+    INSERT INTO sagaway_history (run_id, seq, entries)
+    SELECT h.run_id, h.seq, h.entries::json
+    FROM unnest($23::text[], $24::bigint[], $25::text[]) AS h(run_id, seq, entries)
+    WHERE h.run_id IN (SELECT id FROM ins UNION ALL SELECT id FROM upd)
+)
+SELECT 'c', id, owner, lease_expires FROM ins
+UNION ALL SELECT 'u', id, NULL, NULL FROM upd
+"""
+
+
 def _dump(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: sagaway changes no session state, so skip the reset round trip.
+
+    (asyncpg's default runs ``RESET ALL; UNLISTEN *; …`` on every release.) An open
+    transaction is still rolled back by the pool before this is called.
+    """
 
 
 class PostgresStore(Store):
@@ -148,7 +193,8 @@ class PostgresStore(Store):
                 min_size=self.min_size,
                 max_size=self.max_size,
                 command_timeout=self.command_timeout,
-                server_settings={"search_path": self.schema} if self.schema else None,
+                server_settings=self._session_settings(),
+                reset=_keep_session,
             )
         except _ERRORS as exc:
             raise StoreError(f"cannot connect to PostgreSQL at {self._safe_dsn()}: {exc}") from exc
@@ -188,6 +234,15 @@ class PostgresStore(Store):
                 applied.append(name)
         return applied
 
+    def _session_settings(self) -> dict[str, str]:
+        # Every statement here is prepared once per connection and its plan does not depend
+        # on the values (arrays joined by primary key): re-planning each batch would cost
+        # more than running it.
+        settings = {"plan_cache_mode": "force_generic_plan"}
+        if self.schema is not None:
+            settings["search_path"] = self.schema
+        return settings
+
     def _test_now(self) -> float | None:
         return None if self._clock is None else self._clock()
 
@@ -214,98 +269,55 @@ class PostgresStore(Store):
         owner: str,
         lease_seconds: float,
     ) -> BatchResult:
-        result = BatchResult()
-        history: list[tuple[str, HistoryEntry]] = []
-        async with self._conn() as conn, conn.transaction():
-            if creates:
-                inserted = {
-                    r[0]: (r[1], r[2])
-                    for r in await conn.fetch(
-                        f"INSERT INTO sagaway_runs (id, saga, version, status, input, input_hash,"
-                        f" state, idempotency_key, owner, lease_expires, wake_at, row_version,"
-                        f" created_at, updated_at)"
-                        f" SELECT u.id, u.saga, u.version, u.status, u.input::json, u.input_hash,"
-                        f" u.state::json, u.key, CASE WHEN u.leased THEN $9 END,"
-                        f" CASE WHEN u.leased THEN {_now(14)} + $10 END, u.wake_at, 1, u.now, u.now"
-                        f" FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[],"
-                        f" $6::text[], $7::text[], $8::text[], $11::float8[], $12::float8[],"
-                        f" $13::bool[])"
-                        f" AS u(id, saga, version, status, input, input_hash, state, key,"
-                        f" wake_at, now, leased)"
-                        f" ON CONFLICT DO NOTHING RETURNING id, owner, lease_expires",
-                        [n.id for n in creates],
-                        [n.saga for n in creates],
-                        [n.version for n in creates],
-                        [n.status.value for n in creates],
-                        [n.input_json for n in creates],
-                        [n.input_hash for n in creates],
-                        [_dump(n.state) for n in creates],
-                        [n.idempotency_key for n in creates],
-                        owner,
-                        lease_seconds,
-                        [n.wake_at for n in creates],
-                        [n.now for n in creates],
-                        [n.leased for n in creates],
-                        self._test_now(),
-                    )
-                }
-                for new in creates:
-                    if new.id in inserted:
-                        history.extend((new.id, h) for h in new.history)
-                        owner_, lease = inserted[new.id]
-                        result.created.append(CreateResult(created_record(new, owner_, lease),
-                                                           True))
-                        continue
-                    row = await conn.fetchrow(
-                        f"SELECT {_COLUMNS} FROM sagaway_runs "
-                        f"WHERE saga = $1 AND idempotency_key = $2",
-                        new.saga, new.idempotency_key,
-                    )
-                    if row is None:
-                        raise StoreError(f"run id {new.id} already exists")
-                    result.created.append(CreateResult(record_from_row(row), False))
-            if updates:
-                applied = {
-                    r[0]
-                    for r in await conn.fetch(
-                        "UPDATE sagaway_runs AS r SET status = u.status, state = u.state::json,"
-                        " error = u.error, wake_at = u.wake_at, row_version = r.row_version + 1,"
-                        " updated_at = u.now,"
-                        " owner = CASE WHEN u.release THEN NULL ELSE r.owner END,"
-                        " lease_expires = CASE WHEN u.release THEN NULL ELSE r.lease_expires END"
-                        " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[],"
-                        " $5::text[], $6::float8[], $7::float8[], $8::bool[])"
-                        " AS u(id, expected, status, state, error, wake_at, now, release)"
-                        " WHERE r.id = u.id AND r.row_version = u.expected AND r.owner = $9"
-                        " RETURNING r.id",
-                        [u.run_id for u in updates],
-                        [u.expected_version for u in updates],
-                        [u.status.value for u in updates],
-                        [_dump(u.state) for u in updates],
-                        [u.error for u in updates],
-                        [u.wake_at for u in updates],
-                        [u.now for u in updates],
-                        [u.release for u in updates],
-                        owner,
-                    )
-                }
-                for upd in updates:
-                    ok = upd.run_id in applied
-                    result.updated.append(ok)
-                    if ok:
-                        history.extend((upd.run_id, h) for h in upd.history)
-            if history:
-                await conn.execute(
-                    "INSERT INTO sagaway_history (run_id, at, kind, step, attempt, data)"
-                    " SELECT * FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[],"
-                    " $5::int[], $6::json[])",
-                    [rid for rid, _ in history],
-                    [h.at for _, h in history],
-                    [h.kind for _, h in history],
-                    [h.step for _, h in history],
-                    [h.attempt for _, h in history],
-                    [_dump(h.data) if h.data else None for _, h in history],
+        # One statement, so one round trip and atomic without BEGIN/COMMIT: the creations,
+        # the fenced updates, and the history rows of those that were applied.
+        history = [(n.id, 1, history_json(n.history)) for n in creates if n.history]
+        history += [(u.run_id, u.expected_version + 1, history_json(u.history))
+                    for u in updates if u.history]
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                _COMMIT_SQL,
+                [n.id for n in creates],
+                [n.saga for n in creates],
+                [n.version for n in creates],
+                [n.status.value for n in creates],
+                [n.input_json for n in creates],
+                [n.input_hash for n in creates],
+                [_dump(n.state) for n in creates],
+                [n.idempotency_key for n in creates],
+                owner,
+                lease_seconds,
+                [n.wake_at for n in creates],
+                [n.now for n in creates],
+                [n.leased for n in creates],
+                self._test_now(),
+                [u.run_id for u in updates],
+                [u.expected_version for u in updates],
+                [u.status.value for u in updates],
+                [_dump(u.state) for u in updates],
+                [u.error for u in updates],
+                [u.wake_at for u in updates],
+                [u.now for u in updates],
+                [u.release for u in updates],
+                [rid for rid, _, _ in history],
+                [seq for _, seq, _ in history],
+                [text for _, _, text in history],
+            )
+            inserted = {r[1]: (r[2], r[3]) for r in rows if r[0] == "c"}
+            applied = {r[1] for r in rows if r[0] == "u"}
+            result = BatchResult(updated=[u.run_id in applied for u in updates])
+            for new in creates:
+                if new.id in inserted:
+                    owner_, lease = inserted[new.id]
+                    result.created.append(CreateResult(created_record(new, owner_, lease), True))
+                    continue
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM sagaway_runs WHERE saga = $1 AND idempotency_key = $2",
+                    new.saga, new.idempotency_key,
                 )
+                if row is None:  # pragma: no cover - the statement raises on an id collision
+                    raise StoreError(f"run {new.id} was neither created nor found by its key")
+                result.created.append(CreateResult(record_from_row(row), False))
         return result
 
     async def claim_due(
@@ -323,14 +335,13 @@ class PostgresStore(Store):
             rows = await conn.fetch(
                 f"WITH due AS ("
                 f" SELECT id FROM sagaway_runs"
-                f" WHERE status = ANY($1::text[])"
-                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(7)})"
-                f" AND (saga, version) IN (SELECT * FROM unnest($2::text[], $3::int[]))"
-                f" ORDER BY wake_at NULLS FIRST LIMIT $4 FOR UPDATE SKIP LOCKED)"
-                f" UPDATE sagaway_runs AS r SET owner = $5, lease_expires = {_now(7)} + $6,"
+                f" WHERE status IN ({_ACTIVE_SQL})"
+                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(6)})"
+                f" AND (saga, version) IN (SELECT * FROM unnest($1::text[], $2::int[]))"
+                f" ORDER BY wake_at NULLS FIRST LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                f" UPDATE sagaway_runs AS r SET owner = $4, lease_expires = {_now(6)} + $5,"
                 f" row_version = r.row_version + 1 FROM due WHERE r.id = due.id"
                 f" RETURNING {_RCOLUMNS}",
-                _ACTIVE,
                 [s for s, _ in defs],
                 [v for _, v in defs],
                 limit,
@@ -343,9 +354,9 @@ class PostgresStore(Store):
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         async with self._conn() as conn:
             rows = await conn.fetch(
-                f"UPDATE sagaway_runs SET lease_expires = {_now(4)} + $1"
-                f" WHERE owner = $2 AND status = ANY($3::text[]) RETURNING id",
-                lease_seconds, owner, _ACTIVE, self._test_now(),
+                f"UPDATE sagaway_runs SET lease_expires = {_now(3)} + $1"
+                f" WHERE owner = $2 AND status IN ({_ACTIVE_SQL}) RETURNING id",
+                lease_seconds, owner, self._test_now(),
             )
         return {r[0] for r in rows}
 
@@ -371,14 +382,12 @@ class PostgresStore(Store):
                 return None
             entries = None
             if history:
-                entries = [
-                    history_from_row(h)
-                    for h in await conn.fetch(
-                        "SELECT at, kind, step, attempt, data::text FROM sagaway_history"
-                        " WHERE run_id = $1 ORDER BY id",
+                entries = history_from_rows([
+                    h[0] for h in await conn.fetch(
+                        "SELECT entries::text FROM sagaway_history WHERE run_id = $1 ORDER BY seq",
                         run_id,
                     )
-                ]
+                ])
         return record_from_row(row, entries)
 
     async def list_runs(

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from sagaway.errors import StoreError
-from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
+from sagaway.run import ACTIVE_STATUSES, SagaStatus
 from sagaway.store.base import (
     RUN_COLUMNS,
     BatchResult,
@@ -35,7 +35,8 @@ from sagaway.store.base import (
     RunUpdate,
     Store,
     created_record,
-    history_from_row,
+    history_from_rows,
+    history_json,
     record_from_row,
 )
 from sagaway.store.migrations import migration_files
@@ -50,12 +51,20 @@ _COLUMNS = ", ".join(RUN_COLUMNS)
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-def _history_rows(run_id: str, entries: Sequence[HistoryEntry]) -> list[tuple[Any, ...]]:
-    return [
-        (run_id, h.at, h.kind, h.step, h.attempt,
-         None if not h.data else json.dumps(h.data, separators=(",", ":")))
-        for h in entries
-    ]
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit our transaction)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending)
+            pending = ""
+    if pending.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in pending.splitlines()
+    ):
+        raise sqlite3.OperationalError(f"incomplete statement in migration: {pending[:80]!r}")
+    return out
 
 
 class SQLiteStore(Store):
@@ -176,9 +185,8 @@ class SQLiteStore(Store):
             for version, name, sql in migration_files("sqlite"):
                 if version in done:
                     continue
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(sql):
+                    conn.execute(statement)
                 conn.execute(
                     "INSERT INTO sagaway_migrations VALUES (?, ?, ?)", (version, name, time.time())
                 )
@@ -247,7 +255,8 @@ class SQLiteStore(Store):
                      lease if new.leased else None, new.wake_at, new.now, new.now),
                 )
                 if cur.rowcount == 1:
-                    history.extend(_history_rows(new.id, new.history))
+                    if new.history:
+                        history.append((new.id, 1, history_json(new.history)))
                     result.created.append(CreateResult(
                         created_record(new, owner if new.leased else None,
                                        lease if new.leased else None), True))
@@ -273,12 +282,12 @@ class SQLiteStore(Store):
                 )
                 ok = cur.rowcount == 1
                 result.updated.append(ok)
-                if ok:
-                    history.extend(_history_rows(upd.run_id, upd.history))
+                if ok and upd.history:
+                    history.append((upd.run_id, upd.expected_version + 1,
+                                    history_json(upd.history)))
             if history:
                 conn.executemany(
-                    "INSERT INTO sagaway_history (run_id, at, kind, step, attempt, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO sagaway_history (run_id, seq, entries) VALUES (?, ?, ?)",
                     history,
                 )
             conn.execute("COMMIT")
@@ -363,14 +372,12 @@ class SQLiteStore(Store):
                 return None
             entries = None
             if history:
-                entries = [
-                    history_from_row(h)
-                    for h in conn.execute(
-                        "SELECT at, kind, step, attempt, data FROM sagaway_history "
-                        "WHERE run_id = ? ORDER BY id",
+                entries = history_from_rows([
+                    h[0] for h in conn.execute(
+                        "SELECT entries FROM sagaway_history WHERE run_id = ? ORDER BY seq",
                         (run_id,),
                     )
-                ]
+                ])
             return record_from_row(row, entries)
 
         return await self._run(read)

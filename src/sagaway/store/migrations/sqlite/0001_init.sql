@@ -26,14 +26,13 @@ CREATE INDEX sagaway_runs_owner ON sagaway_runs (owner) WHERE owner IS NOT NULL;
 CREATE INDEX sagaway_runs_created ON sagaway_runs (created_at, id);
 CREATE INDEX sagaway_runs_status_created ON sagaway_runs (status, created_at, id);
 
+-- One row per durable transition: seq is the run's row version after it, entries the
+-- timeline lines it appended (JSON array). Rows are appended in rowid order; the index finds
+-- a run's rows.
 CREATE TABLE sagaway_history (
-    id      INTEGER PRIMARY KEY,
     run_id  TEXT NOT NULL,
-    at      REAL NOT NULL,
-    kind    TEXT NOT NULL,
-    step    TEXT,
-    attempt INTEGER,
-    data    TEXT
+    seq     INTEGER NOT NULL,
+    entries TEXT NOT NULL
 );
 
-CREATE INDEX sagaway_history_run ON sagaway_history (run_id, id);
+CREATE UNIQUE INDEX sagaway_history_run ON sagaway_history (run_id, seq);
