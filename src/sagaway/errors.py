@@ -9,13 +9,16 @@ The tree::
     │   └── PayloadTooLarge      the encoded payload is over the configured limit
     ├── IdempotencyConflict      a start key was reused with a different input
     ├── RunNotFound              no run with that id exists in the store
+    ├── InvalidTransition        an operator action the run's state does not allow
     ├── WaitTimeout              ``run.wait(timeout=…)`` ran out (also a ``TimeoutError``)
     ├── StoreError               the store failed or is unusable (driver errors are wrapped)
     │   └── LeaseLost            a write was fenced: another worker owns the run now
+    ├── TransportError           a message broker failed or is unusable (driver errors are wrapped)
+    ├── MalformedEnvelope        bytes received are not a sagaway message envelope (has a reason)
     └── OrchestratorClosed       the orchestrator was used outside ``async with`` / after close
 
-Driver exceptions (sqlite3, asyncpg, …) are translated into these at the store port, so
-user code never has to catch a backend's own exception types.
+Driver exceptions (sqlite3, asyncpg, aio-pika, nats-py, redis, …) are translated into these at
+the store and transport ports, so user code never has to catch a backend's own exception types.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ __all__ = [
     "DefinitionError",
     "IdempotencyConflict",
     "InvalidPayload",
+    "InvalidTransition",
     "LeaseLost",
+    "MalformedEnvelope",
     "OrchestratorClosed",
     "PayloadTooLarge",
     "RunNotFound",
     "SagawayError",
     "StoreError",
+    "TransportError",
     "UnknownSaga",
     "WaitTimeout",
 ]
@@ -73,6 +79,15 @@ class RunNotFound(SagawayError):
     """No run with that id exists in the store."""
 
 
+class InvalidTransition(SagawayError):
+    """An operator action the run's current state does not allow (HTTP 409)."""
+
+    def __init__(self, message: str, *, run_id: str, status: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
+
+
 class WaitTimeout(SagawayError, TimeoutError):
     """A run did not finish within the time given to ``wait``."""
 
@@ -83,6 +98,22 @@ class StoreError(SagawayError):
 
 class LeaseLost(StoreError):
     """A write was rejected because this worker no longer owns the run (fencing)."""
+
+
+class TransportError(SagawayError):
+    """A message transport failed: the broker is unreachable, refused a message or did not
+    confirm it, or the transport is used before ``open()`` / after ``aclose()``."""
+
+
+class MalformedEnvelope(SagawayError):
+    """Bytes received are not a sagaway envelope; :attr:`reason` says what is wrong.
+
+    A consumer never crashes on one: the transport dead-letters the bytes with the reason.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed envelope: {reason}")
+        self.reason = reason
 
 
 class OrchestratorClosed(SagawayError):

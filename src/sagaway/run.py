@@ -16,7 +16,8 @@ class SagaStatus(StrEnum):
     """Where a run is in its life.
 
     PENDING → RUNNING → COMPLETED; RUNNING → COMPENSATING → COMPENSATED;
-    RUNNING/COMPENSATING → FAILED (needs an operator).
+    RUNNING/COMPENSATING → FAILED (needs an operator); FAILED → RESOLVED (an operator
+    settled it by hand), or back to RUNNING/COMPENSATING when an operator retries it.
     """
 
     PENDING = "PENDING"
@@ -25,13 +26,16 @@ class SagaStatus(StrEnum):
     COMPLETED = "COMPLETED"
     COMPENSATED = "COMPENSATED"
     FAILED = "FAILED"
+    RESOLVED = "RESOLVED"
 
     @property
     def finished(self) -> bool:
         return self in _FINISHED
 
 
-_FINISHED = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+_FINISHED = frozenset(
+    {SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED, SagaStatus.RESOLVED}
+)
 ACTIVE_STATUSES = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
 
 
@@ -104,7 +108,10 @@ class SagaRun:
     owner: str | None = None
     lease_expires: float | None = None
     wake_at: float | None = None
+    request: dict[str, Any] | None = None
+    """An operator's action waiting for a worker to carry it out, if any."""
 
     @property
     def finished(self) -> bool:
-        return self.status.finished
+        """Ended, with no operator request waiting to take it back into work."""
+        return self.status.finished and self.request is None

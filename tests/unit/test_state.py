@@ -117,6 +117,7 @@ def test_finished_statuses() -> None:
         SagaStatus.COMPLETED,
         SagaStatus.COMPENSATED,
         SagaStatus.FAILED,
+        SagaStatus.RESOLVED,
     }
 
 

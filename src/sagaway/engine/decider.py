@@ -33,6 +33,7 @@ from sagaway.engine.state import (
     Event,
     InvokeAction,
     InvokeCompensation,
+    Operator,
     Recover,
     RunState,
     Start,
@@ -161,7 +162,7 @@ class _Decider:
         if (
             retryable
             and self.state.status is SagaStatus.RUNNING
-            and step.retry.allows(next_attempt)
+            and step.retry.allows(next_attempt - s.attempts_before)
         ):
             delay = 0.0 if immediate else step.retry.delay(
                 s.attempts, idempotency_key(self.run_id, step.name, compensation=False)
@@ -222,7 +223,8 @@ class _Decider:
                             immediate: bool = False) -> None:
         s.error = error
         next_attempt = s.compensation_attempts + 1
-        if retryable and step.compensation_retry.allows(next_attempt):
+        if retryable and step.compensation_retry.allows(
+                next_attempt - s.compensation_attempts_before):
             delay = 0.0 if immediate else step.compensation_retry.delay(
                 s.compensation_attempts, idempotency_key(self.run_id, step.name, compensation=True)
             )
@@ -332,6 +334,86 @@ class _Decider:
             elif s.status is StepStatus.COMPENSATION_WAITING:
                 self.invoke_compensation(step)
 
+    def on_operator(self, event: Operator) -> None:
+        allowed = OPERATOR_ALLOWED.get(event.action)
+        if allowed is None or self.state.status not in allowed:
+            self.ignore(event,
+                        f"{event.action!r} is not allowed on a {self.state.status.value} run")
+            return
+        self.log(f"operator.{event.action}", actor=event.actor, reason=event.reason)
+        by = f"operator {event.actor}: {event.reason}"
+        if event.action == "resolve":
+            self.state.status = SagaStatus.RESOLVED
+            self.log("run.finished", status=SagaStatus.RESOLVED.value)
+            return
+        if self.state.status is SagaStatus.PENDING:
+            if event.action == "compensate":
+                self.finish(SagaStatus.COMPENSATED, f"compensated before it started ({by})")
+            else:
+                self.on_start(Start(event.now))
+            return
+        if self.state.status is SagaStatus.FAILED:
+            self.reopen(event.action, by)
+            return
+        # An active run taken over from its worker: attempts in flight there were cut.
+        if event.action == "resume":
+            for s in self.state.steps.values():
+                if s.wake_at is not None:
+                    s.wake_at = event.now
+            self.on_recover(Recover(event.now))
+            return
+        self.interrupt_all(by)
+        if self.state.status is SagaStatus.RUNNING:
+            self.begin_compensation(f"forced by {by}")
+
+    def interrupt_all(self, why: str) -> None:
+        """Stop the forward path: cut actions in flight (possibly applied), cancel retries."""
+        for step in self.saga.steps:
+            s = self.state.steps.get(step.name)
+            if s is None:
+                continue
+            if s.status is StepStatus.RUNNING:
+                self.log("step.interrupted", step.name, s.attempts)
+                s.maybe_applied = True
+                s.status = StepStatus.FAILED
+                s.error = f"interrupted ({why})"
+            elif s.status is StepStatus.WAITING:
+                s.status = StepStatus.FAILED
+                s.wake_at = None
+                self.log("step.cancelled", step.name, s.attempts,
+                         maybe_applied=s.maybe_applied or None)
+
+    def reopen(self, action: str, by: str) -> None:
+        """Take a FAILED run back into work, with fresh retry budgets."""
+        stuck = [st for st in self.saga.steps
+                 if (s := self.state.steps.get(st.name)) is not None
+                 and s.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_WAITING)]
+        if stuck or action == "compensate":
+            self.state.status = SagaStatus.COMPENSATING
+            self.state.error = f"compensating again ({by})"
+            for step in stuck:
+                s = self.step_state(step.name)
+                s.compensation_attempts_before = s.compensation_attempts
+                s.status = StepStatus.COMPENSATION_WAITING
+                s.wake_at = self.now
+            if not stuck:
+                self.advance_compensation()
+            else:
+                self.on_timer()
+            return
+        # Failed on the forward path (after the pivot, or the pivot's outcome unknown).
+        failed = [st for st in self.saga.steps
+                  if (s := self.state.steps.get(st.name)) is not None
+                  and s.status is StepStatus.FAILED]
+        self.state.status = SagaStatus.RUNNING
+        self.state.error = None
+        for step in failed:
+            s = self.step_state(step.name)
+            s.attempts_before = s.attempts
+            s.status = StepStatus.WAITING
+            s.wake_at = self.now
+        self.on_timer()
+
     def on_recover(self, event: Recover) -> None:
         if self.state.status.finished:
             self.ignore(event, f"the run has finished ({self.state.status.value})")
@@ -365,6 +447,15 @@ class _Decider:
         self.on_timer()
 
 
+OPERATOR_ALLOWED: dict[str, tuple[SagaStatus, ...]] = {
+    "retry": (SagaStatus.FAILED,),
+    "compensate": (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.FAILED),
+    "resume": (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING),
+    "resolve": (SagaStatus.FAILED,),
+}
+"""Which statuses each operator action may be applied to."""
+
+
 def decide(saga: Saga, run_id: str, state: RunState, event: Event) -> Decision:
     """Apply ``event`` to ``state`` (not mutated) and return the decision."""
     d = _Decider(saga, run_id, state.clone(), event.now)
@@ -383,4 +474,6 @@ def decide(saga: Saga, run_id: str, state: RunState, event: Event) -> Decision:
             d.on_timer()
         case Recover():
             d.on_recover(event)
+        case Operator():
+            d.on_operator(event)
     return Decision(d.state, d.history, d.commands)

@@ -31,7 +31,7 @@ from typing import Any
 from sagaway.definition.saga import Saga, StepContext, idempotency_key
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.committer import GroupCommitter
-from sagaway.engine.decider import decide
+from sagaway.engine.decider import OPERATOR_ALLOWED, decide
 from sagaway.engine.listener import Listener, Transition
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
 from sagaway.engine.state import (
@@ -43,6 +43,7 @@ from sagaway.engine.state import (
     Event,
     InvokeAction,
     InvokeCompensation,
+    Operator,
     Recover,
     RunState,
     Start,
@@ -52,6 +53,7 @@ from sagaway.errors import (
     DefinitionError,
     IdempotencyConflict,
     InvalidPayload,
+    InvalidTransition,
     LeaseLost,
     OrchestratorClosed,
     RunNotFound,
@@ -117,6 +119,8 @@ class _Driver:
     transitions: int = 0
     releasing: bool = False
     """Its final transition, which also drops the lease, is being committed."""
+    clear_request: bool = False
+    """It was claimed to carry out an operator request; the next write clears it."""
 
 
 class RunHandle:
@@ -402,6 +406,73 @@ class Orchestrator:
                 key=key or "",
             )
 
+    # -- operator actions ---------------------------------------------------------------
+
+    async def retry(self, run_id: str, *, reason: str, actor: str = "operator") -> SagaRun:
+        """Retry a FAILED run: its failed compensations (or the forward step that gave up
+        after the pivot) get a fresh retry budget. Raises InvalidTransition otherwise."""
+        return await self._request(run_id, "retry", reason, actor)
+
+    async def compensate(self, run_id: str, *, reason: str, actor: str = "operator"
+                         ) -> SagaRun:
+        """Force-compensate a PENDING, RUNNING or FAILED run: actions in flight are cut
+        (possibly applied) and every step that may have taken effect is undone."""
+        return await self._request(run_id, "compensate", reason, actor)
+
+    async def resume(self, run_id: str, *, reason: str, actor: str = "operator") -> SagaRun:
+        """Resume an active run now: take it from its worker, fire its timers at once."""
+        return await self._request(run_id, "resume", reason, actor)
+
+    async def resolve(self, run_id: str, *, reason: str, actor: str = "operator") -> SagaRun:
+        """Mark a FAILED run RESOLVED: an operator settled it by hand."""
+        return await self._request(run_id, "resolve", reason, actor)
+
+    async def _request(self, run_id: str, action: str, reason: str, actor: str) -> SagaRun:
+        """Record an operator action on the run; a worker with its definition carries it out.
+
+        Recording fences the run's current worker (its next write is rejected) and frees
+        the lease, so the action never races the run's own progress. A worker orchestrator
+        claims the run at once; otherwise the workers' next poll does.
+        """
+        self._require_open()
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidPayload(f"{action}: a reason is required (it goes into the history)")
+        if not isinstance(actor, str) or not actor.strip():
+            raise InvalidPayload(f"{action}: the actor (who does it) is required")
+        record = await self.store.get_run(run_id, history=False)
+        if record is None:
+            raise RunNotFound(f"no saga run with id {run_id!r} in {self.store.url}")
+        allowed = OPERATOR_ALLOWED[action]
+        now = self.clock.now()
+        request = {"action": action, "reason": reason, "actor": actor, "at": now}
+        updated = await self.store.request_operation(
+            run_id,
+            allowed=allowed,
+            request=request,
+            new_status=None,
+            history=[HistoryEntry(now, "operator.requested",
+                                  data={"action": action, "actor": actor, "reason": reason})],
+            now=now,
+        )
+        if updated is None:
+            current = await self.store.get_run(run_id, history=False)
+            status = current.status.value if current else record.status.value
+            pending = current.request if current else None
+            why = (f"an operator request ({pending.get('action')}) is already pending"
+                   if pending else f"the run is {status}")
+            raise InvalidTransition(
+                f"cannot {action} run {run_id}: {why}; {action} applies to "
+                f"{', '.join(s.value for s in allowed)} runs",
+                run_id=run_id, status=status,
+            )
+        driver = self._drivers.get(run_id)
+        if driver is not None:
+            self._stop_driver(driver)  # fenced already; stop its in-flight work now
+            self._abandon(driver)
+        if self.worker:
+            self._poll_now.set()
+        return self._snapshot(updated)
+
     async def get(self, run_id: str) -> SagaRun:
         """A snapshot of one run, from the store. Raises RunNotFound."""
         record = await self.store.get_run(run_id, history=True)
@@ -494,6 +565,7 @@ class Orchestrator:
             owner=record.owner,
             lease_expires=record.lease_expires,
             wake_at=record.wake_at,
+            request=record.request,
         )
 
     def _snapshot_from_driver(self, d: _Driver) -> SagaRun:
@@ -515,10 +587,13 @@ class Orchestrator:
 
     # -- driving a run ----------------------------------------------------------------------
 
-    async def _drive(self, d: _Driver, commands: builtins.list[Any]) -> None:
+    async def _drive(self, d: _Driver, commands: builtins.list[Any],
+                     first: Event | None = None) -> None:
         try:
             while True:
-                if (len(commands) == 1 and not d.invocations and d.events.empty()
+                if first is not None:
+                    event, first = first, None
+                elif (len(commands) == 1 and not d.invocations and d.events.empty()
                         and d.state.wake_at is None):
                     # The common sequential case: nothing else can happen to this run until
                     # the one invocation returns, so run it here rather than as a task.
@@ -578,11 +653,13 @@ class Orchestrator:
                 now=now,
                 history=history,
                 release=state.status.finished,
+                clear_request=d.clear_request,
             )
         )
         if not ok:
             raise LeaseLost(f"run {d.run_id} was taken over by another worker")
         d.row_version += 1
+        d.clear_request = False
         d.state = state
         d.updated_at = now
         if d.history is not None:
@@ -752,8 +829,11 @@ class Orchestrator:
                             self.poll_interval, exc)
             except Exception:
                 log.exception("recovery poll crashed; retrying")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and close() would then wait on this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._poll_now.wait()
             self._poll_now.clear()
 
     async def _claim_due(self) -> None:
@@ -791,10 +871,20 @@ class Orchestrator:
         )
         self._claim_seq += 1
         self._drivers[record.id] = d
-        log.info("run %s (%s v%s): resuming from %s", record.id, record.saga, record.version,
-                 record.status.value)
-        d.events.put_nowait(Recover(self.clock.now()))
-        d.task = asyncio.create_task(self._drive(d, []), name=f"sagaway-run-{record.id}")
+        first: Event
+        if record.request is not None:
+            req = record.request
+            log.info("run %s (%s v%s): carrying out operator %s's %r", record.id, record.saga,
+                     record.version, req.get("actor"), req.get("action"))
+            d.clear_request = True
+            first = Operator(str(req.get("action")), str(req.get("reason", "")),
+                             str(req.get("actor", "operator")), self.clock.now())
+        else:
+            log.info("run %s (%s v%s): resuming from %s", record.id, record.saga,
+                     record.version, record.status.value)
+            first = Recover(self.clock.now())
+        d.task = asyncio.create_task(self._drive(d, [], first),
+                                     name=f"sagaway-run-{record.id}")
 
     async def _renew_loop(self) -> None:
         interval = self.lease_seconds / 3

@@ -19,6 +19,7 @@ __all__ = [
     "Event",
     "InvokeAction",
     "InvokeCompensation",
+    "Operator",
     "Recover",
     "RunState",
     "Start",
@@ -54,6 +55,10 @@ class StepState:
     wake_at: float | None = None
     succeeded: bool = False
     """An action attempt succeeded; ``result`` is its result."""
+    attempts_before: int = 0
+    """Action attempts made before an operator's retry; the policy counts the rest."""
+    compensation_attempts_before: int = 0
+    """The same for the compensation."""
 
     def clone(self) -> StepState:
         return StepState(
@@ -65,6 +70,8 @@ class StepState:
             self.compensation_attempts,
             self.wake_at,
             self.succeeded,
+            self.attempts_before,
+            self.compensation_attempts_before,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +88,10 @@ class StepState:
             out["wake_at"] = self.wake_at
         if self.succeeded:
             out["succeeded"] = True
+        if self.attempts_before:
+            out["attempts_before"] = self.attempts_before
+        if self.compensation_attempts_before:
+            out["compensation_attempts_before"] = self.compensation_attempts_before
         return out
 
     @classmethod
@@ -94,6 +105,8 @@ class StepState:
             compensation_attempts=data.get("compensation_attempts", 0),
             wake_at=data.get("wake_at"),
             succeeded=data.get("succeeded", False),
+            attempts_before=data.get("attempts_before", 0),
+            compensation_attempts_before=data.get("compensation_attempts_before", 0),
         )
 
 
@@ -190,6 +203,21 @@ class TimerFired:
 
 
 @dataclass(frozen=True, slots=True)
+class Operator:
+    """An operator's action, carried out by the worker that claimed the run.
+
+    ``retry`` a FAILED run (its compensations, or the forward step that gave up, with a fresh
+    retry budget); ``compensate`` a running or FAILED run now; ``resume`` an active run now
+    (timers fire at once; attempts cut by the takeover count as interrupted).
+    """
+
+    action: str
+    reason: str
+    actor: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class Recover:
     """A worker took the run over (after a crash or a lost lease): in-flight attempts were cut."""
 
@@ -204,6 +232,7 @@ Event = (
     | CompensationFailed
     | TimerFired
     | Recover
+    | Operator
 )
 
 

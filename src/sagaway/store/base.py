@@ -60,6 +60,8 @@ class RunRecord:
     updated_at: float
     history: list[HistoryEntry] | None = None
     """Filled only by ``get_run(..., history=True)``."""
+    request: dict[str, Any] | None = None
+    """An operator request waiting for a worker (see ``Store.request_operation``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class RunUpdate:
     history: Sequence[HistoryEntry] = ()
     release: bool = False
     """Drop the lease with this write (the run finished)."""
+    clear_request: bool = False
+    """The operator request the run carried has been carried out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ class BatchResult:
 RUN_COLUMNS = (
     "id", "saga", "version", "status", "input", "input_hash", "state", "error",
     "idempotency_key", "owner", "lease_expires", "wake_at", "row_version", "created_at",
-    "updated_at",
+    "updated_at", "request",
 )
 """The run columns in the order ``record_from_row`` reads them."""
 
@@ -141,6 +145,7 @@ def record_from_row(row: Sequence[Any], history: list[HistoryEntry] | None = Non
         created_at=row[13],
         updated_at=row[14],
         history=history,
+        request=json.loads(row[15]) if row[15] else None,
     )
 
 
@@ -229,10 +234,31 @@ class Store(abc.ABC):
         limit: int,
         definitions: Collection[tuple[str, int]],
     ) -> list[RunRecord]:
-        """Lease up to ``limit`` active runs that are unowned or whose lease expired.
+        """Lease up to ``limit`` runs, unowned or with an expired lease, that are active or
+        carry an operator request.
 
         Only runs whose (saga, version) is in ``definitions`` are claimed, so a worker never
         takes a run it cannot drive. Claiming bumps the row version (fencing the old owner).
+        """
+
+    @abc.abstractmethod
+    async def request_operation(
+        self,
+        run_id: str,
+        *,
+        allowed: Collection[SagaStatus],
+        request: dict[str, Any] | None,
+        new_status: SagaStatus | None,
+        history: Sequence[HistoryEntry],
+        now: float,
+    ) -> RunRecord | None:
+        """Record an operator's request on a run, or apply a status change at once.
+
+        Applied only if the run's status is in ``allowed`` and no other request is pending;
+        otherwise nothing changes and None is returned. Either way it fences the current
+        owner: the row version is bumped and the lease dropped, so whichever worker claims
+        the run next (``claim_due`` also claims finished runs carrying a request) carries
+        the request out with the definition it registers.
         """
 
     @abc.abstractmethod

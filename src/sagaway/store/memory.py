@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
@@ -53,6 +54,9 @@ class MemoryStore(Store):
             row.record,
             state=json.loads(row.state_json),
             input=json.loads(json.dumps(row.record.input)),
+            request=json.loads(json.dumps(row.record.request))
+            if row.record.request is not None
+            else None,
             history=[HistoryEntry.from_json(json.loads(h)) for h in row.history]
             if history
             else None,
@@ -123,6 +127,7 @@ class MemoryStore(Store):
                     updated_at=upd.now,
                     owner=None if upd.release else current.record.owner,
                     lease_expires=None if upd.release else current.record.lease_expires,
+                    request=None if upd.clear_request else current.record.request,
                 ),
                 json.dumps(upd.state),
                 [*current.history, *(json.dumps(h.to_json()) for h in upd.history)],
@@ -146,7 +151,8 @@ class MemoryStore(Store):
             if len(claimed) >= limit:
                 break
             rec = row.record
-            if rec.status not in ACTIVE_STATUSES or (rec.saga, rec.version) not in wanted:
+            if (rec.status not in ACTIVE_STATUSES and rec.request is None) or (
+                rec.saga, rec.version) not in wanted:
                 continue
             if rec.owner is not None and rec.lease_expires is not None and rec.lease_expires > now:
                 continue
@@ -155,6 +161,35 @@ class MemoryStore(Store):
             )
             claimed.append(self._load(row))
         return claimed
+
+    async def request_operation(
+        self,
+        run_id: str,
+        *,
+        allowed: Collection[SagaStatus],
+        request: dict[str, Any] | None,
+        new_status: SagaStatus | None,
+        history: Sequence[HistoryEntry],
+        now: float,
+    ) -> RunRecord | None:
+        row = self._rows.get(run_id)
+        if row is None or row.record.status not in set(allowed) or row.record.request is not None:
+            return None
+        rec = row.record
+        self._rows[run_id] = _Row(
+            replace(
+                rec,
+                status=new_status or rec.status,
+                request=json.loads(json.dumps(request)) if request is not None else None,
+                owner=None,
+                lease_expires=None,
+                row_version=rec.row_version + 1,
+                updated_at=now,
+            ),
+            row.state_json,
+            [*row.history, *(json.dumps(h.to_json()) for h in history)],
+        )
+        return self._load(self._rows[run_id])
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         now = self._clock()

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagaway.errors import StoreError
-from sagaway.run import ACTIVE_STATUSES, SagaStatus
+from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import (
     RUN_COLUMNS,
     BatchResult,
@@ -52,7 +52,7 @@ __all__ = ["PostgresStore"]
 # Literal, not a parameter: the planner can then use the partial index on active runs.
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES)
 _COLUMNS = ", ".join(
-    f"{c}::text" if c in ("input", "state") else c for c in RUN_COLUMNS
+    f"{c}::text" if c in ("input", "state", "request") else c for c in RUN_COLUMNS
 )
 _RCOLUMNS = ", ".join(
     f"r.{c.strip()}" for c in _COLUMNS.split(",")
@@ -90,10 +90,11 @@ WITH ins AS (
     UPDATE sagaway_runs AS r SET status = u.status, state = u.state::json, error = u.error,
         wake_at = u.wake_at, row_version = r.row_version + 1, updated_at = u.now,
         owner = CASE WHEN u.release THEN NULL ELSE r.owner END,
-        lease_expires = CASE WHEN u.release THEN NULL ELSE r.lease_expires END
+        lease_expires = CASE WHEN u.release THEN NULL ELSE r.lease_expires END,
+        request = CASE WHEN u.clear THEN NULL ELSE r.request END
     FROM unnest($15::text[], $16::bigint[], $17::text[], $18::text[], $19::text[],
-        $20::float8[], $21::float8[], $22::bool[])
-        AS u(id, expected, status, state, error, wake_at, now, release)
+        $20::float8[], $21::float8[], $22::bool[], $26::bool[])
+        AS u(id, expected, status, state, error, wake_at, now, release, clear)
     WHERE r.id = u.id AND r.id = ANY($15::text[]) AND r.row_version = u.expected
         AND r.owner = $9
     RETURNING r.id
@@ -302,6 +303,7 @@ class PostgresStore(Store):
                 [rid for rid, _, _ in history],
                 [seq for _, seq, _ in history],
                 [text for _, _, text in history],
+                [u.clear_request for u in updates],
             )
             inserted = {r[1]: (r[2], r[3]) for r in rows if r[0] == "c"}
             applied = {r[1] for r in rows if r[0] == "u"}
@@ -335,7 +337,7 @@ class PostgresStore(Store):
             rows = await conn.fetch(
                 f"WITH due AS ("
                 f" SELECT id FROM sagaway_runs"
-                f" WHERE status IN ({_ACTIVE_SQL})"
+                f" WHERE (status IN ({_ACTIVE_SQL}) OR request IS NOT NULL)"
                 f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(6)})"
                 f" AND (saga, version) IN (SELECT * FROM unnest($1::text[], $2::int[]))"
                 f" ORDER BY wake_at NULLS FIRST LIMIT $3 FOR UPDATE SKIP LOCKED)"
@@ -350,6 +352,37 @@ class PostgresStore(Store):
                 self._test_now(),
             )
         return [record_from_row(r) for r in rows]
+
+    async def request_operation(
+        self,
+        run_id: str,
+        *,
+        allowed: Collection[SagaStatus],
+        request: dict[str, Any] | None,
+        new_status: SagaStatus | None,
+        history: Sequence[HistoryEntry],
+        now: float,
+    ) -> RunRecord | None:
+        statuses = [SagaStatus(s).value for s in allowed]
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"WITH r AS ("
+                f" UPDATE sagaway_runs SET status = COALESCE($1, status), request = $2::json,"
+                f" owner = NULL, lease_expires = NULL, row_version = row_version + 1,"
+                f" updated_at = $3 WHERE id = $4 AND status = ANY($5::text[])"
+                f" AND request IS NULL RETURNING *"
+                f"), h AS ("
+                f" INSERT INTO sagaway_history (run_id, seq, entries)"
+                f" SELECT id, row_version, $6::json FROM r WHERE $6::text IS NOT NULL"
+                f") SELECT {_COLUMNS} FROM r",
+                new_status.value if new_status else None,
+                None if request is None else _dump(request),
+                now,
+                run_id,
+                statuses,
+                history_json(history) if history else None,
+            )
+        return None if row is None else record_from_row(row)
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         async with self._conn() as conn:

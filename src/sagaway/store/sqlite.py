@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from sagaway.errors import StoreError
-from sagaway.run import ACTIVE_STATUSES, SagaStatus
+from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import (
     RUN_COLUMNS,
     BatchResult,
@@ -248,7 +248,7 @@ class SQLiteStore(Store):
             for new in creates:
                 cur = conn.execute(
                     f"INSERT OR IGNORE INTO sagaway_runs ({_COLUMNS}) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, 1, ?, ?)",
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, 1, ?, ?, NULL)",
                     (new.id, new.saga, new.version, new.status.value, new.input_json,
                      new.input_hash, json.dumps(new.state, separators=(",", ":")),
                      new.idempotency_key, owner if new.leased else None,
@@ -274,11 +274,12 @@ class SQLiteStore(Store):
                     "UPDATE sagaway_runs SET status = ?, state = ?, error = ?, wake_at = ?, "
                     "row_version = row_version + 1, updated_at = ?, "
                     "owner = CASE WHEN ? THEN NULL ELSE owner END, "
-                    "lease_expires = CASE WHEN ? THEN NULL ELSE lease_expires END "
+                    "lease_expires = CASE WHEN ? THEN NULL ELSE lease_expires END, "
+                    "request = CASE WHEN ? THEN NULL ELSE request END "
                     "WHERE id = ? AND row_version = ? AND owner = ?",
                     (upd.status.value, json.dumps(upd.state, separators=(",", ":")), upd.error,
-                     upd.wake_at, upd.now, upd.release, upd.release, upd.run_id,
-                     upd.expected_version, owner),
+                     upd.wake_at, upd.now, upd.release, upd.release, upd.clear_request,
+                     upd.run_id, upd.expected_version, owner),
                 )
                 ok = cur.rowcount == 1
                 result.updated.append(ok)
@@ -319,7 +320,8 @@ class SQLiteStore(Store):
             rows = conn.execute(
                 f"UPDATE sagaway_runs SET owner = ?, lease_expires = ?, "
                 f"row_version = row_version + 1 WHERE id IN ("
-                f" SELECT id FROM sagaway_runs WHERE status IN ({_ACTIVE_SQL})"
+                f" SELECT id FROM sagaway_runs"
+                f" WHERE (status IN ({_ACTIVE_SQL}) OR request IS NOT NULL)"
                 f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?)"
                 f" AND (saga, version) IN (VALUES {pairs})"
                 f" ORDER BY wake_at LIMIT ?) RETURNING {_COLUMNS}",
@@ -327,6 +329,42 @@ class SQLiteStore(Store):
             ).fetchall()
             conn.execute("COMMIT")
             return [record_from_row(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def request_operation(
+        self,
+        run_id: str,
+        *,
+        allowed: Collection[SagaStatus],
+        request: dict[str, Any] | None,
+        new_status: SagaStatus | None,
+        history: Sequence[HistoryEntry],
+        now: float,
+    ) -> RunRecord | None:
+        statuses = [SagaStatus(s).value for s in allowed]
+        if not statuses:
+            return None
+        marks = ", ".join("?" for _ in statuses)
+        request_json = None if request is None else json.dumps(request, separators=(",", ":"))
+
+        def tx(conn: sqlite3.Connection) -> RunRecord | None:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(
+                f"UPDATE sagaway_runs SET status = COALESCE(?, status), request = ?, "
+                f"owner = NULL, lease_expires = NULL, row_version = row_version + 1, "
+                f"updated_at = ? WHERE id = ? AND status IN ({marks}) AND request IS NULL "
+                f"RETURNING {_COLUMNS}",
+                (new_status.value if new_status else None, request_json, now, run_id,
+                 *statuses),
+            ).fetchone()
+            if row is not None and history:
+                conn.execute(
+                    "INSERT INTO sagaway_history (run_id, seq, entries) VALUES (?, ?, ?)",
+                    (run_id, row[12], history_json(history)),
+                )
+            conn.execute("COMMIT")
+            return None if row is None else record_from_row(row)
 
         return await self._run(tx)
 

@@ -17,13 +17,16 @@ CREATE TABLE IF NOT EXISTS sagaway_runs (
     wake_at         DOUBLE PRECISION,
     row_version     BIGINT NOT NULL,
     created_at      DOUBLE PRECISION NOT NULL,
-    updated_at      DOUBLE PRECISION NOT NULL
+    updated_at      DOUBLE PRECISION NOT NULL,
+    request         JSON
 ) WITH (fillfactor = 70);  -- room on each page for HOT updates: transitions touch no index
 
 CREATE UNIQUE INDEX IF NOT EXISTS sagaway_runs_key ON sagaway_runs (saga, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sagaway_runs_active ON sagaway_runs (lease_expires)
     WHERE status IN ('PENDING', 'RUNNING', 'COMPENSATING');
+CREATE INDEX IF NOT EXISTS sagaway_runs_requests ON sagaway_runs (id)
+    WHERE request IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sagaway_runs_created ON sagaway_runs (created_at, id);
 CREATE INDEX IF NOT EXISTS sagaway_runs_status_created ON sagaway_runs (status, created_at, id);
 

@@ -15,7 +15,8 @@ CREATE TABLE sagaway_runs (
     wake_at         REAL,
     row_version     INTEGER NOT NULL,
     created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL
+    updated_at      REAL NOT NULL,
+    request         TEXT
 );
 
 CREATE UNIQUE INDEX sagaway_runs_key ON sagaway_runs (saga, idempotency_key)
@@ -23,6 +24,7 @@ CREATE UNIQUE INDEX sagaway_runs_key ON sagaway_runs (saga, idempotency_key)
 CREATE INDEX sagaway_runs_active ON sagaway_runs (status, lease_expires)
     WHERE status IN ('PENDING', 'RUNNING', 'COMPENSATING');
 CREATE INDEX sagaway_runs_owner ON sagaway_runs (owner) WHERE owner IS NOT NULL;
+CREATE INDEX sagaway_runs_requests ON sagaway_runs (id) WHERE request IS NOT NULL;
 CREATE INDEX sagaway_runs_created ON sagaway_runs (created_at, id);
 CREATE INDEX sagaway_runs_status_created ON sagaway_runs (status, created_at, id);
 
