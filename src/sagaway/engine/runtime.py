@@ -62,7 +62,7 @@ from sagaway.errors import (
     UnknownSaga,
     WaitTimeout,
 )
-from sagaway.run import HistoryEntry, SagaRun, SagaStatus
+from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaRun, SagaStatus
 from sagaway.store import open_store
 from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
 
@@ -486,12 +486,39 @@ class Orchestrator:
         status: SagaStatus | Iterable[SagaStatus] | None = None,
         saga: str | None = None,
         limit: int = 100,
-    ) -> list[SagaRun]:
-        """Runs newest first, without their history (use ``get`` for a timeline)."""
+        before: tuple[float, str] | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        stuck_for: float | None = None,
+    ) -> builtins.list[SagaRun]:
+        """Runs newest first, without their history (use ``get`` for a timeline).
+
+        Args:
+            status: one status or several.
+            saga: only runs of this definition name.
+            limit: the page size.
+            before: a cursor, ``(created_at, id)`` of the last run of the previous page.
+            created_from / created_to: started at or after / before these times.
+            stuck_for: only active runs whose last transition is older than this many
+                seconds (status defaults to the active ones).
+        """
         statuses = [status] if isinstance(status, SagaStatus) else (
-            None if status is None else list(status))
-        records = await self.store.list_runs(status=statuses, saga=saga, limit=limit)
+            None if status is None else builtins.list(status))
+        updated_before = None
+        if stuck_for is not None:
+            updated_before = self.clock.now() - stuck_for
+            if statuses is None:
+                statuses = builtins.list(ACTIVE_STATUSES)
+        records = await self.store.list_runs(
+            status=statuses, saga=saga, limit=limit, before=before,
+            created_from=created_from, created_to=created_to, updated_before=updated_before,
+        )
         return [self._snapshot(r) for r in records]
+
+    async def counts(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
+        """How many runs are in each status (all statuses present, zeros included)."""
+        found = await self.store.count_runs(saga=saga)
+        return {s: found.get(s, 0) for s in SagaStatus}
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> SagaRun:
         """Wait until a run finishes (driven here or by any other worker).

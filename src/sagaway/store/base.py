@@ -281,11 +281,21 @@ class Store(abc.ABC):
         saga: str | None = None,
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        updated_before: float | None = None,
     ) -> list[RunRecord]:
         """Runs newest first (by created_at, then id), optionally filtered.
 
         ``before`` is a cursor: the (created_at, id) of the last run of the previous page.
+        ``created_from`` (inclusive) and ``created_to`` (exclusive) bound the start time;
+        ``updated_before`` keeps runs whose last transition is older than that time (with
+        the active statuses, that is how stuck runs are found).
         """
+
+    @abc.abstractmethod
+    async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
+        """How many runs there are in each status (statuses with none are left out)."""
 
     async def __aenter__(self) -> Store:
         await self.open()

@@ -217,6 +217,9 @@ class MemoryStore(Store):
         saga: str | None = None,
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        updated_before: float | None = None,
     ) -> list[RunRecord]:
         rows = sorted(
             self._rows.values(), key=lambda r: (r.record.created_at, r.record.id), reverse=True
@@ -233,5 +236,18 @@ class MemoryStore(Store):
                 continue
             if before is not None and (rec.created_at, rec.id) >= before:
                 continue
+            if created_from is not None and rec.created_at < created_from:
+                continue
+            if created_to is not None and rec.created_at >= created_to:
+                continue
+            if updated_before is not None and rec.updated_at >= updated_before:
+                continue
             out.append(self._load(row))
         return out
+
+    async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
+        counts: dict[SagaStatus, int] = {}
+        for row in self._rows.values():
+            if saga is None or row.record.saga == saga:
+                counts[row.record.status] = counts.get(row.record.status, 0) + 1
+        return counts

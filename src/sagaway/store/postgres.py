@@ -430,6 +430,9 @@ class PostgresStore(Store):
         saga: str | None = None,
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        updated_before: float | None = None,
     ) -> list[RunRecord]:
         clauses: list[str] = []
         params: list[Any] = []
@@ -445,6 +448,11 @@ class PostgresStore(Store):
         if before is not None:
             params.extend(before)
             clauses.append(f"(created_at, id) < (${len(params) - 1}, ${len(params)})")
+        for clause, value in (("created_at >=", created_from), ("created_at <", created_to),
+                              ("updated_at <", updated_before)):
+            if value is not None:
+                params.append(float(value))
+                clauses.append(f"{clause} ${len(params)}")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(int(limit))
         async with self._conn() as conn:
@@ -454,3 +462,12 @@ class PostgresStore(Store):
                 *params,
             )
         return [record_from_row(r) for r in rows]
+
+    async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT status, count(*) FROM sagaway_runs"
+                " WHERE $1::text IS NULL OR saga = $1 GROUP BY status",
+                saga,
+            )
+        return {SagaStatus(r[0]): int(r[1]) for r in rows}

@@ -427,6 +427,9 @@ class SQLiteStore(Store):
         saga: str | None = None,
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        created_from: float | None = None,
+        created_to: float | None = None,
+        updated_before: float | None = None,
     ) -> list[RunRecord]:
         clauses: list[str] = []
         params: list[Any] = []
@@ -442,6 +445,11 @@ class SQLiteStore(Store):
         if before is not None:
             clauses.append("(created_at, id) < (?, ?)")
             params.extend(before)
+        for clause, value in (("created_at >= ?", created_from), ("created_at < ?", created_to),
+                              ("updated_at < ?", updated_before)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(float(value))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(int(limit))
 
@@ -452,5 +460,18 @@ class SQLiteStore(Store):
                 params,
             ).fetchall()
             return [record_from_row(r) for r in rows]
+
+        return await self._run(read)
+
+    async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
+        def read(conn: sqlite3.Connection) -> dict[SagaStatus, int]:
+            if saga is None:
+                rows = conn.execute("SELECT status, count(*) FROM sagaway_runs GROUP BY status")
+            else:
+                rows = conn.execute(
+                    "SELECT status, count(*) FROM sagaway_runs WHERE saga = ? GROUP BY status",
+                    (saga,),
+                )
+            return {SagaStatus(status): n for status, n in rows}
 
         return await self._run(read)

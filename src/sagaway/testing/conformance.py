@@ -792,6 +792,86 @@ class StoreConformance:
         ]
         assert await store.list_runs(before=(T0, "")) == []
 
+    async def test_list_runs_by_start_time_and_staleness(self, store: Store) -> None:
+        await create(store, *(new_run(f"r-{i}", now=T0 + i) for i in range(5)))
+        # r-1 and r-3 move on at T0 + 10; the others have not changed since they started.
+        assert await apply(store, update("r-1", 1, now=T0 + 10), update("r-3", 1, now=T0 + 10))
+
+        async def ids(**filters: Any) -> list[str]:
+            return [r.id for r in await store.list_runs(**filters)]
+
+        assert await ids(created_from=T0 + 1, created_to=T0 + 3) == ["r-2", "r-1"]
+        assert await ids(created_from=T0 + 4) == ["r-4"]
+        assert await ids(created_to=T0) == []
+        assert await ids(updated_before=T0 + 10) == ["r-4", "r-2", "r-0"]
+        assert await ids(updated_before=T0 + 10, created_from=T0 + 1, limit=1) == ["r-4"]
+
+    async def test_count_runs_by_status(self, store: Store) -> None:
+        assert await store.count_runs() == {}
+        await create(
+            store,
+            new_run("a", status=SagaStatus.RUNNING),
+            new_run("b", status=SagaStatus.RUNNING, saga="refund"),
+            new_run("c", status=SagaStatus.FAILED),
+            new_run("d", status=SagaStatus.COMPLETED),
+        )
+        assert await store.count_runs() == {
+            SagaStatus.RUNNING: 2, SagaStatus.FAILED: 1, SagaStatus.COMPLETED: 1,
+        }
+        assert await store.count_runs(saga="refund") == {SagaStatus.RUNNING: 1}
+
+    # -- operator requests ------------------------------------------------------------------
+
+    async def test_request_operation_fences_the_owner_and_is_claimable(
+        self, store: Store
+    ) -> None:
+        await create(store, new_run("r-1", status=SagaStatus.FAILED))
+        note = HistoryEntry(at=T0 + 5, kind="operator.requested", data={"action": "retry"})
+        request = {"action": "retry", "actor": "ana", "reason": "fixed"}
+        got = await store.request_operation(
+            "r-1", allowed=[SagaStatus.FAILED], request=request, new_status=None,
+            history=[note], now=T0 + 5,
+        )
+        assert got is not None
+        assert (got.request, got.owner, got.row_version, got.status) == (
+            request, None, 2, SagaStatus.FAILED)
+        assert (await fetch(store, "r-1")).history == [note]
+        # The old owner is fenced; a second request waits for the first to be carried out.
+        assert await apply(store, update("r-1", 1)) == [False]
+        assert await store.request_operation(
+            "r-1", allowed=[SagaStatus.FAILED], request=request, new_status=None,
+            history=[], now=T0 + 6) is None
+        # A FAILED run carrying a request is claimable; the claimer's write clears it.
+        [claimed] = await store.claim_due(owner=OTHER, lease_seconds=LEASE, limit=10,
+                                          definitions=DEFS)
+        assert (claimed.id, claimed.request) == ("r-1", request)
+        cleared = RunUpdate(run_id="r-1", expected_version=claimed.row_version,
+                            status=SagaStatus.COMPENSATING, state={}, error=None,
+                            wake_at=None, now=T0 + 7, clear_request=True)
+        assert await apply(store, cleared, owner=OTHER) == [True]
+        assert (await fetch(store, "r-1")).request is None
+
+    async def test_request_operation_respects_the_allowed_statuses(self, store: Store) -> None:
+        await create(store, new_run("r-1", status=SagaStatus.COMPLETED))
+        assert await store.request_operation(
+            "r-1", allowed=[SagaStatus.FAILED], request={"action": "retry"},
+            new_status=None, history=[], now=T0 + 1) is None
+        assert await store.request_operation(
+            "nope", allowed=[SagaStatus.FAILED], request={"action": "retry"},
+            new_status=None, history=[], now=T0 + 1) is None
+        untouched = await fetch(store, "r-1")
+        assert (untouched.row_version, untouched.request, untouched.history) == (1, None, [])
+        # A finished run without a request is never claimed.
+        assert await store.claim_due(owner=OTHER, lease_seconds=LEASE, limit=10,
+                                     definitions=DEFS) == []
+
+    async def test_request_operation_can_set_the_status_at_once(self, store: Store) -> None:
+        await create(store, new_run("r-1", status=SagaStatus.FAILED))
+        got = await store.request_operation(
+            "r-1", allowed=[SagaStatus.FAILED], request=None,
+            new_status=SagaStatus.RESOLVED, history=[], now=T0 + 1)
+        assert got is not None and (got.status, got.request) == (SagaStatus.RESOLVED, None)
+
     # -- documents round-trip ---------------------------------------------------------------
 
     async def test_state_and_input_round_trip_exactly(self, store: Store) -> None:
