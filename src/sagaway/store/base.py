@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "created_record",
     "history_from_rows",
     "history_json",
+    "list_filters",
     "record_from_row",
 ]
 
@@ -157,6 +158,45 @@ def history_json(entries: Sequence[HistoryEntry]) -> str:
 def history_from_rows(texts: Sequence[str]) -> list[HistoryEntry]:
     """The timeline from history rows' JSON texts, in transition order."""
     return [HistoryEntry.from_json(item) for text in texts for item in json.loads(text)]
+
+
+def list_filters(
+    mark: Callable[[int], str],
+    *,
+    status: Collection[SagaStatus] | None,
+    saga: str | None,
+    before: tuple[float, str] | None,
+    created_from: float | None,
+    created_to: float | None,
+    updated_before: float | None,
+) -> tuple[str, list[Any]] | None:
+    """The WHERE clause and parameters of ``list_runs`` for a SQL backend.
+
+    ``mark(n)`` writes the placeholder of the n-th parameter (``?`` or ``$n``). Every value
+    is a parameter, never text in the SQL. None means no run can match (an empty status set).
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+
+    def add(clause: str, *values: Any) -> None:
+        marks = [mark(len(params) + i + 1) for i in range(len(values))]
+        params.extend(values)
+        clauses.append(clause.format(*marks))
+
+    if status is not None:
+        values = [SagaStatus(s).value for s in status]
+        if not values:
+            return None
+        add(f"status IN ({', '.join('{}' for _ in values)})", *values)
+    if saga is not None:
+        add("saga = {}", saga)
+    if before is not None:
+        add("(created_at, id) < ({}, {})", float(before[0]), str(before[1]))
+    for clause, value in (("created_at >= {}", created_from), ("created_at < {}", created_to),
+                          ("updated_at < {}", updated_before)):
+        if value is not None:
+            add(clause, float(value))
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 def created_record(new: NewRun, owner: str | None, lease_expires: float | None) -> RunRecord:

@@ -36,6 +36,7 @@ from sagaway.store.base import (
     created_record,
     history_from_rows,
     history_json,
+    list_filters,
     record_from_row,
 )
 from sagaway.store.migrations import migration_files
@@ -434,26 +435,13 @@ class PostgresStore(Store):
         created_to: float | None = None,
         updated_before: float | None = None,
     ) -> list[RunRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            values = [SagaStatus(s).value for s in status]
-            if not values:
-                return []
-            params.append(values)
-            clauses.append(f"status = ANY(${len(params)}::text[])")
-        if saga is not None:
-            params.append(saga)
-            clauses.append(f"saga = ${len(params)}")
-        if before is not None:
-            params.extend(before)
-            clauses.append(f"(created_at, id) < (${len(params) - 1}, ${len(params)})")
-        for clause, value in (("created_at >=", created_from), ("created_at <", created_to),
-                              ("updated_at <", updated_before)):
-            if value is not None:
-                params.append(float(value))
-                clauses.append(f"{clause} ${len(params)}")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        filters = list_filters(
+            lambda n: f"${n}", status=status, saga=saga, before=before,
+            created_from=created_from, created_to=created_to, updated_before=updated_before,
+        )
+        if filters is None:
+            return []
+        where, params = filters
         params.append(int(limit))
         async with self._conn() as conn:
             rows = await conn.fetch(

@@ -37,6 +37,7 @@ from sagaway.store.base import (
     created_record,
     history_from_rows,
     history_json,
+    list_filters,
     record_from_row,
 )
 from sagaway.store.migrations import migration_files
@@ -431,26 +432,13 @@ class SQLiteStore(Store):
         created_to: float | None = None,
         updated_before: float | None = None,
     ) -> list[RunRecord]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            values = [SagaStatus(s).value for s in status]
-            if not values:
-                return []
-            clauses.append(f"status IN ({', '.join('?' for _ in values)})")
-            params.extend(values)
-        if saga is not None:
-            clauses.append("saga = ?")
-            params.append(saga)
-        if before is not None:
-            clauses.append("(created_at, id) < (?, ?)")
-            params.extend(before)
-        for clause, value in (("created_at >= ?", created_from), ("created_at < ?", created_to),
-                              ("updated_at < ?", updated_before)):
-            if value is not None:
-                clauses.append(clause)
-                params.append(float(value))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        filters = list_filters(
+            lambda n: "?", status=status, saga=saga, before=before,
+            created_from=created_from, created_to=created_to, updated_before=updated_before,
+        )
+        if filters is None:
+            return []
+        where, params = filters
         params.append(int(limit))
 
         def read(conn: sqlite3.Connection) -> list[RunRecord]:
