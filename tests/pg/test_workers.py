@@ -160,3 +160,30 @@ async def test_postgres_restart_with_500_sagas_in_flight(postgres_url, ledger_ur
     recovered = sum(1 for r in runs if any(e.kind == "run.recovered" for e in r.history))
     print(f"runs resumed after the restart: {recovered}")
     assert all(w.proc.poll() is None for w in workers), "workers must survive the restart"
+
+
+async def test_sigterm_releases_leases_so_another_worker_resumes_at_once(
+        postgres_url, ledger_url, client, workers, tmp_path: Path) -> None:
+    # A long lease: without the release on SIGTERM the runs would wait 60 s for it.
+    env = {"LEASE_SECONDS": "60", "POLL_INTERVAL": "0.1", "SLOW_STEP": "credit",
+           "STEP_DELAY": "1.5"}
+    first = start_worker(postgres_url, ledger_url, tmp_path, "first", **env)
+    workers.append(first)
+    expected = await submit(client, 10, fail_every=1000)
+    deadline = time.monotonic() + 20
+    mine = [str(first.pid)]
+    while [(await owner_of(postgres_url, rid) or "").split(":")[1:2]
+           for rid in expected] != [mine] * len(expected):
+        assert time.monotonic() < deadline, first.log()
+        await asyncio.sleep(0.05)
+    second = start_worker(postgres_url, ledger_url, tmp_path, "second", **env)
+    workers.append(second)
+    stopped_at = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(15) == 0, first.log()
+    runs = [await client.wait(rid, timeout=30) for rid in expected]
+    took = time.monotonic() - stopped_at
+    result = await audit(ledger_url, runs, expected)
+    assert result.ok, str(result)
+    assert took < 20, f"runs resumed only after {took:.1f}s: leases were not released"
+    assert "releasing leases" in first.log()
