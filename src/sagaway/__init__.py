@@ -6,6 +6,7 @@ The public API; everything else is internal unless documented.
 from sagaway.definition.retry import RetryPolicy
 from sagaway.definition.saga import Saga, Step, StepContext, StepKind
 from sagaway.engine.clock import Clock, SystemClock
+from sagaway.engine.decider import OPERATOR_ALLOWED
 from sagaway.engine.listener import Listener, Transition
 from sagaway.engine.runtime import NonRetryableError, Orchestrator, RunHandle
 from sagaway.errors import (
@@ -32,7 +33,7 @@ from sagaway.store.sqlite import SQLiteStore
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), as tests/unit/test_public_api.py pins it
     "Clock",
     "DefinitionError",
     "HistoryEntry",
@@ -44,6 +45,7 @@ __all__ = [
     "MalformedEnvelope",
     "MemoryStore",
     "NonRetryableError",
+    "OPERATOR_ALLOWED",
     "Orchestrator",
     "OrchestratorClosed",
     "PayloadTooLarge",

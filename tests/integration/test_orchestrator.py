@@ -426,5 +426,5 @@ async def test_wait_timeout_and_unknown_run(store_url: str) -> None:
         assert done.results == {"hold": "released"}
         assert kinds(done) == ["run.started", "step.started", "step.succeeded", "run.finished"]
 
-        with pytest.raises(RunNotFound, match=r"^no saga run with id 'no-such-run' in "):
+        with pytest.raises(RunNotFound, match=r"^no saga run with id 'no-such-run'$"):
             await orch.get("no-such-run")

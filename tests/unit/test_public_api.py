@@ -17,6 +17,7 @@ EXPECTED_ALL = [
     "MalformedEnvelope",
     "MemoryStore",
     "NonRetryableError",
+    "OPERATOR_ALLOWED",
     "Orchestrator",
     "OrchestratorClosed",
     "PayloadTooLarge",

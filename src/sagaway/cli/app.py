@@ -17,6 +17,7 @@ from rich.text import Text
 from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
 from sagaway.cli import render
 from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
+from sagaway.cli.remote import AdminClient, RemoteError
 from sagaway.engine.worker import load_app, serve
 from sagaway.store import open_store
 
@@ -55,6 +56,19 @@ Store = Annotated[
 ]
 
 
+AdminUrl = Annotated[
+    str | None,
+    typer.Option("--admin", envvar="SAGAWAY_ADMIN_URL", show_envvar=True, metavar="URL",
+                 help="Work through a running admin API (e.g. http://127.0.0.1:8080) instead "
+                      "of the store; takes precedence over --store."),
+]
+AdminToken = Annotated[
+    str | None,
+    typer.Option("--token", envvar="SAGAWAY_ADMIN_TOKEN", show_envvar=True, metavar="SECRET",
+                 help="The bearer token's secret for --admin."),
+]
+
+
 def _fail(message: str) -> NoReturn:
     err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     raise typer.Exit(1)
@@ -65,6 +79,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (SagawayError, DemoError) as exc:
+        _fail(str(exc))
+
+
+def _remote(admin: str, token: str | None) -> AdminClient:
+    try:
+        return AdminClient(admin, token)
+    except RemoteError as exc:
         _fail(str(exc))
 
 
@@ -142,21 +163,32 @@ def demo(
 def runs(
     store: Store = DEFAULT_STORE,
     status: Annotated[
-        SagaStatus | None,
-        typer.Option("--status", "-s", case_sensitive=False, help="Only runs in this status."),
+        list[SagaStatus] | None,
+        typer.Option("--status", "-s", case_sensitive=False,
+                     help="Only runs in this status (repeat for several)."),
     ] = None,
     saga: Annotated[str | None, typer.Option("--saga", help="Only runs of this saga.")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10_000,
                                        help="At most this many runs.")] = 20,
+    admin: AdminUrl = None,
+    token: AdminToken = None,
 ) -> None:
     """List runs, newest first."""
-    _checked_store(store, must_exist=True)
+    statuses = list(dict.fromkeys(status or ()))
+    if admin is not None:
+        with _remote(admin, token) as client:
+            try:
+                found = client.list_runs(status=statuses, saga=saga, limit=limit)
+            except RemoteError as exc:
+                _fail(str(exc))
+    else:
+        _checked_store(store, must_exist=True)
 
-    async def go() -> list[SagaRun]:
-        async with Orchestrator(store, worker=False) as orch:
-            return await orch.list(status=status, saga=saga, limit=limit)
+        async def go() -> list[SagaRun]:
+            async with Orchestrator(store, worker=False) as orch:
+                return await orch.list(status=statuses or None, saga=saga, limit=limit)
 
-    found = _run(go())
+        found = _run(go())
     if not found:
         out.print(Text("no runs match", style="bright_black"))
         return
@@ -167,8 +199,17 @@ def runs(
 def show(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run's id.")],
     store: Store = DEFAULT_STORE,
+    admin: AdminUrl = None,
+    token: AdminToken = None,
 ) -> None:
     """Print one run's timeline, input and results."""
+    if admin is not None:
+        with _remote(admin, token) as client:
+            try:
+                out.print(render.run_details(client.get(run_id)))
+            except RemoteError as exc:
+                _fail(str(exc))
+        return
     _checked_store(store, must_exist=True)
 
     async def go() -> SagaRun:

@@ -41,6 +41,7 @@ STATUS_STYLE: Mapping[SagaStatus, str] = {
     SagaStatus.COMPLETED: "bold green",
     SagaStatus.COMPENSATED: "bold yellow",
     SagaStatus.FAILED: "bold red",
+    SagaStatus.RESOLVED: "bold blue",
 }
 
 # kind -> (marker, style, what the line says)
@@ -63,6 +64,12 @@ _KINDS: Mapping[str, tuple[str, str, str]] = {
     "compensation.gave_up": ("✘", "bold red", "compensation gave up"),
     "compensation.interrupted": ("↯", "magenta", "compensation interrupted"),
     "event.ignored": ("·", "bright_black", "ignored"),
+    "run.submitted": ("·", "bright_black", "run submitted (waiting for a worker)"),
+    "operator.requested": ("✋", "bold blue", "operator request recorded"),
+    "operator.retry": ("✋", "bold blue", "operator: retry"),
+    "operator.resume": ("✋", "bold blue", "operator: resume"),
+    "operator.compensate": ("✋", "bold blue", "operator: force-compensate"),
+    "operator.resolve": ("✋", "bold blue", "operator: resolved"),
 }
 
 _STEP_WIDTH = 18

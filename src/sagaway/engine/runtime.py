@@ -441,7 +441,7 @@ class Orchestrator:
             raise InvalidPayload(f"{action}: the actor (who does it) is required")
         record = await self.store.get_run(run_id, history=False)
         if record is None:
-            raise RunNotFound(f"no saga run with id {run_id!r} in {self.store.url}")
+            raise RunNotFound(f"no saga run with id {run_id!r}")
         allowed = OPERATOR_ALLOWED[action]
         now = self.clock.now()
         request = {"action": action, "reason": reason, "actor": actor, "at": now}
@@ -477,7 +477,7 @@ class Orchestrator:
         """A snapshot of one run, from the store. Raises RunNotFound."""
         record = await self.store.get_run(run_id, history=True)
         if record is None:
-            raise RunNotFound(f"no saga run with id {run_id!r} in {self.store.url}")
+            raise RunNotFound(f"no saga run with id {run_id!r}")
         return self._snapshot(record)
 
     async def list(
