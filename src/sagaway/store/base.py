@@ -29,6 +29,8 @@ __all__ = [
     "BatchResult",
     "CreateResult",
     "NewRun",
+    "OutboxMessage",
+    "OutboxRecord",
     "RunRecord",
     "RunUpdate",
     "Store",
@@ -66,6 +68,33 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message to publish, written in the same transaction as the transition that emits it.
+
+    ``body`` is the encoded envelope (JSON text); ``id`` is the envelope's message id, so a
+    republish after a crash carries the same id and consumers can drop the duplicate. The
+    store records the emitting run's id with it.
+    """
+
+    id: str
+    destination: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """An unsent outbox message, as ``claim_outbox`` hands it to a relay."""
+
+    id: str
+    destination: str
+    body: str
+    run_id: str | None
+    created_at: float
+    attempts: int
+    """How many relays claimed it before (a crash or a failed publish in between)."""
+
+
+@dataclass(frozen=True, slots=True)
 class NewRun:
     """Create a run (already started: its first intents are in ``state`` and ``history``)."""
 
@@ -82,6 +111,8 @@ class NewRun:
     history: Sequence[HistoryEntry] = ()
     leased: bool = True
     """Lease it to the committing worker; False leaves it unowned for any worker to claim."""
+    outbox: Sequence[OutboxMessage] = ()
+    """Messages the creation emits, written in the same transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +131,8 @@ class RunUpdate:
     """Drop the lease with this write (the run finished)."""
     clear_request: bool = False
     """The operator request the run carried has been carried out."""
+    outbox: Sequence[OutboxMessage] = ()
+    """Messages the transition emits: written only if the update applies, atomically."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +333,23 @@ class Store(abc.ABC):
         the run next (``claim_due`` also claims finished runs carrying a request) carries
         the request out with the definition it registers.
         """
+
+    @abc.abstractmethod
+    async def claim_outbox(self, *, owner: str, lease_seconds: float, limit: int
+                           ) -> list[OutboxRecord]:
+        """Lease up to ``limit`` unsent messages, oldest first, to one relay.
+
+        A message stays claimed until ``mark_sent`` or until the lease expires (the relay
+        died or could not publish), when another relay claims it again: at-least-once.
+        """
+
+    @abc.abstractmethod
+    async def mark_sent(self, ids: Collection[str], *, now: float) -> None:
+        """Record that the broker confirmed these messages."""
+
+    @abc.abstractmethod
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        """(unsent messages, created_at of the oldest one or None)."""
 
     @abc.abstractmethod
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:

@@ -14,9 +14,31 @@ from typing import Any
 
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
-from sagaway.store.base import BatchResult, CreateResult, NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.base import (
+    BatchResult,
+    CreateResult,
+    NewRun,
+    OutboxMessage,
+    OutboxRecord,
+    RunRecord,
+    RunUpdate,
+    Store,
+)
 
 __all__ = ["MemoryStore"]
+
+
+@dataclass(slots=True)
+class _Message:
+    id: str
+    destination: str
+    body: str
+    run_id: str | None
+    created_at: float
+    owner: str | None = None
+    lease_expires: float | None = None
+    attempts: int = 0
+    sent_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -39,6 +61,7 @@ class MemoryStore(Store):
         self._clock = clock
         self._rows: dict[str, _Row] = {}
         self._keys: dict[tuple[str, str], str] = {}
+        self._outbox: dict[str, _Message] = {}
 
     async def open(self) -> None:
         return None
@@ -76,6 +99,13 @@ class MemoryStore(Store):
         # collision, a document JSON cannot encode) leaves the store untouched, as a
         # database transaction would. Rows are replaced, never mutated, so copies are shallow.
         rows = dict(self._rows)
+        outbox = dict(self._outbox)
+
+        def emit(run_id: str, messages: Sequence[OutboxMessage]) -> None:
+            for m in messages:
+                if m.id in outbox:
+                    raise StoreError(f"outbox message {m.id} already exists")
+                outbox[m.id] = _Message(m.id, m.destination, m.body, run_id, now)
         keys = dict(self._keys)
         for new in creates:
             if new.idempotency_key is not None:
@@ -107,6 +137,7 @@ class MemoryStore(Store):
             rows[new.id] = row
             if new.idempotency_key is not None:
                 keys[(new.saga, new.idempotency_key)] = new.id
+            emit(new.id, new.outbox)
             result.created.append(CreateResult(self._load(row), True))
         for upd in updates:
             current = rows.get(upd.run_id)
@@ -132,8 +163,9 @@ class MemoryStore(Store):
                 json.dumps(upd.state),
                 [*current.history, *(json.dumps(h.to_json()) for h in upd.history)],
             )
+            emit(upd.run_id, upd.outbox)
             result.updated.append(True)
-        self._rows, self._keys = rows, keys
+        self._rows, self._keys, self._outbox = rows, keys, outbox
         return result
 
     async def claim_due(
@@ -190,6 +222,30 @@ class MemoryStore(Store):
             [*row.history, *(json.dumps(h.to_json()) for h in history)],
         )
         return self._load(self._rows[run_id])
+
+    async def claim_outbox(self, *, owner: str, lease_seconds: float, limit: int
+                           ) -> list[OutboxRecord]:
+        now = self._clock()
+        claimed: list[OutboxRecord] = []
+        for m in sorted(self._outbox.values(), key=lambda m: (m.created_at, m.id)):
+            if len(claimed) >= limit:
+                break
+            if m.sent_at is not None or (m.lease_expires is not None and m.lease_expires > now):
+                continue
+            claimed.append(OutboxRecord(m.id, m.destination, m.body, m.run_id, m.created_at,
+                                        m.attempts))
+            m.owner, m.lease_expires, m.attempts = owner, now + lease_seconds, m.attempts + 1
+        return claimed
+
+    async def mark_sent(self, ids: Collection[str], *, now: float) -> None:
+        for i in ids:
+            m = self._outbox.get(i)
+            if m is not None and m.sent_at is None:
+                m.sent_at = now
+
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        unsent = [m.created_at for m in self._outbox.values() if m.sent_at is None]
+        return len(unsent), (min(unsent) if unsent else None)
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         now = self._clock()

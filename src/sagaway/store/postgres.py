@@ -30,6 +30,7 @@ from sagaway.store.base import (
     BatchResult,
     CreateResult,
     NewRun,
+    OutboxRecord,
     RunRecord,
     RunUpdate,
     Store,
@@ -104,6 +105,12 @@ WITH ins AS (
     SELECT h.run_id, h.seq, h.entries::json
     FROM unnest($23::text[], $24::bigint[], $25::text[]) AS h(run_id, seq, entries)
     WHERE h.run_id IN (SELECT id FROM ins UNION ALL SELECT id FROM upd)
+), obx AS (
+    INSERT INTO sagaway_outbox (id, destination, body, run_id, created_at)
+    SELECT o.id, o.destination, o.body, o.run_id, {_now(14)}
+    FROM unnest($27::text[], $28::text[], $29::text[], $30::text[])
+        AS o(id, destination, body, run_id)
+    WHERE o.run_id IN (SELECT id FROM ins UNION ALL SELECT id FROM upd)
 )
 SELECT 'c', id, owner, lease_expires FROM ins
 UNION ALL SELECT 'u', id, NULL, NULL FROM upd
@@ -276,6 +283,9 @@ class PostgresStore(Store):
         history = [(n.id, 1, history_json(n.history)) for n in creates if n.history]
         history += [(u.run_id, u.expected_version + 1, history_json(u.history))
                     for u in updates if u.history]
+        # Outbox rows are filtered, like history, on their transition having applied.
+        outbox = [(n.id, m) for n in creates for m in n.outbox]
+        outbox += [(u.run_id, m) for u in updates for m in u.outbox]
         async with self._conn() as conn:
             rows = await conn.fetch(
                 _COMMIT_SQL,
@@ -305,6 +315,10 @@ class PostgresStore(Store):
                 [seq for _, seq, _ in history],
                 [text for _, _, text in history],
                 [u.clear_request for u in updates],
+                [m.id for _, m in outbox],
+                [m.destination for _, m in outbox],
+                [m.body for _, m in outbox],
+                [rid for rid, _ in outbox],
             )
             inserted = {r[1]: (r[2], r[3]) for r in rows if r[0] == "c"}
             applied = {r[1] for r in rows if r[0] == "u"}
@@ -384,6 +398,38 @@ class PostgresStore(Store):
                 history_json(history) if history else None,
             )
         return None if row is None else record_from_row(row)
+
+    async def claim_outbox(self, *, owner: str, lease_seconds: float, limit: int
+                           ) -> list[OutboxRecord]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"WITH due AS (SELECT id FROM sagaway_outbox WHERE sent_at IS NULL"
+                f" AND (lease_expires IS NULL OR lease_expires <= {_now(4)})"
+                f" ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                f" UPDATE sagaway_outbox AS o SET owner = $1,"
+                f" lease_expires = {_now(4)} + $2, attempts = o.attempts + 1"
+                f" FROM due WHERE o.id = due.id"
+                f" RETURNING o.id, o.destination, o.body, o.run_id, o.created_at, o.attempts - 1",
+                owner, lease_seconds, limit, self._test_now(),
+            )
+        return sorted((OutboxRecord(*r) for r in rows), key=lambda r: (r.created_at, r.id))
+
+    async def mark_sent(self, ids: Collection[str], *, now: float) -> None:
+        if not ids:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE sagaway_outbox SET sent_at = $1 WHERE id = ANY($2::text[])"
+                " AND sent_at IS NULL",
+                now, list(ids),
+            )
+
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT count(*), min(created_at) FROM sagaway_outbox WHERE sent_at IS NULL"
+            )
+        return int(row[0]), row[1]
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         async with self._conn() as conn:

@@ -31,6 +31,8 @@ from sagaway.store.base import (
     BatchResult,
     CreateResult,
     NewRun,
+    OutboxMessage,
+    OutboxRecord,
     RunRecord,
     RunUpdate,
     Store,
@@ -244,6 +246,12 @@ class SQLiteStore(Store):
         def tx(conn: sqlite3.Connection) -> BatchResult:
             result = BatchResult()
             history: list[tuple[Any, ...]] = []
+            outbox: list[tuple[Any, ...]] = []
+            now = clock()
+
+            def emit(run_id: str, messages: Sequence[OutboxMessage]) -> None:
+                outbox.extend((m.id, m.destination, m.body, run_id, now) for m in messages)
+
             conn.execute("BEGIN IMMEDIATE")
             lease = clock() + lease_seconds
             for new in creates:
@@ -256,6 +264,7 @@ class SQLiteStore(Store):
                      lease if new.leased else None, new.wake_at, new.now, new.now),
                 )
                 if cur.rowcount == 1:
+                    emit(new.id, new.outbox)
                     if new.history:
                         history.append((new.id, 1, history_json(new.history)))
                     result.created.append(CreateResult(
@@ -284,9 +293,17 @@ class SQLiteStore(Store):
                 )
                 ok = cur.rowcount == 1
                 result.updated.append(ok)
+                if ok:
+                    emit(upd.run_id, upd.outbox)
                 if ok and upd.history:
                     history.append((upd.run_id, upd.expected_version + 1,
                                     history_json(upd.history)))
+            if outbox:
+                conn.executemany(
+                    "INSERT INTO sagaway_outbox (id, destination, body, run_id, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    outbox,
+                )
             if history:
                 conn.executemany(
                     "INSERT INTO sagaway_history (run_id, seq, entries) VALUES (?, ?, ?)",
@@ -368,6 +385,49 @@ class SQLiteStore(Store):
             return None if row is None else record_from_row(row)
 
         return await self._run(tx)
+
+    async def claim_outbox(self, *, owner: str, lease_seconds: float, limit: int
+                           ) -> list[OutboxRecord]:
+        clock = self._clock
+
+        def tx(conn: sqlite3.Connection) -> list[OutboxRecord]:
+            now = clock()
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "UPDATE sagaway_outbox SET owner = ?, lease_expires = ?, attempts = attempts + 1"
+                " WHERE id IN (SELECT id FROM sagaway_outbox WHERE sent_at IS NULL"
+                " AND (lease_expires IS NULL OR lease_expires <= ?)"
+                " ORDER BY created_at, id LIMIT ?)"
+                " RETURNING id, destination, body, run_id, created_at, attempts - 1",
+                (owner, now + lease_seconds, now, limit),
+            ).fetchall()
+            conn.execute("COMMIT")
+            return sorted((OutboxRecord(*r) for r in rows), key=lambda r: (r.created_at, r.id))
+
+        return await self._run(tx)
+
+    async def mark_sent(self, ids: Collection[str], *, now: float) -> None:
+        pending = [(now, i) for i in ids]
+        if not pending:
+            return
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "UPDATE sagaway_outbox SET sent_at = ? WHERE id = ? AND sent_at IS NULL", pending
+            )
+            conn.execute("COMMIT")
+
+        await self._run(tx)
+
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        def read(conn: sqlite3.Connection) -> tuple[int, float | None]:
+            n, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM sagaway_outbox WHERE sent_at IS NULL"
+            ).fetchone()
+            return int(n), oldest
+
+        return await self._run(read)
 
     async def renew_leases(self, *, owner: str, lease_seconds: float) -> set[str]:
         clock = self._clock

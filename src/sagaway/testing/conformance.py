@@ -27,13 +27,14 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from sagaway.errors import SagawayError, StoreError
 from sagaway.run import HistoryEntry, SagaStatus
-from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
 from sagaway.testing import FakeClock
 
 __all__ = [
@@ -871,6 +872,62 @@ class StoreConformance:
             "r-1", allowed=[SagaStatus.FAILED], request=None,
             new_status=SagaStatus.RESOLVED, history=[], now=T0 + 1)
         assert got is not None and (got.status, got.request) == (SagaStatus.RESOLVED, None)
+
+    # -- the transactional outbox -----------------------------------------------------------
+
+    async def test_outbox_messages_are_written_with_their_transition(
+        self, store: Store, clock: FakeClock
+    ) -> None:
+        cmd = OutboxMessage(id="m-1", destination="inventory", body='{"type":"reserve"}')
+        await create(store, replace(new_run("r-1"), outbox=[cmd]))
+        assert await store.outbox_backlog() == (1, clock())
+        [claimed] = await store.claim_outbox(owner=OWNER, lease_seconds=LEASE, limit=10)
+        assert (claimed.id, claimed.destination, claimed.body, claimed.run_id,
+                claimed.attempts) == ("m-1", "inventory", '{"type":"reserve"}', "r-1", 0)
+        # Leased to one relay: nobody else gets it until the lease runs out.
+        assert await store.claim_outbox(owner=OTHER, lease_seconds=LEASE, limit=10) == []
+        clock.advance(LEASE)
+        [again] = await store.claim_outbox(owner=OTHER, lease_seconds=LEASE, limit=10)
+        assert (again.id, again.attempts) == ("m-1", 1)
+        await store.mark_sent(["m-1"], now=clock())
+        clock.advance(LEASE * 2)
+        assert await store.claim_outbox(owner=OTHER, lease_seconds=LEASE, limit=10) == []
+        assert await store.outbox_backlog() == (0, None)
+
+    async def test_a_fenced_transition_emits_nothing(self, store: Store) -> None:
+        await create(store, new_run("r-1"))
+        stale = replace(update("r-1", 7), outbox=[
+            OutboxMessage(id="m-stale", destination="payments", body="{}")])
+        good = replace(update("r-1", 1), outbox=[
+            OutboxMessage(id="m-good", destination="payments", body="{}")])
+        assert await apply(store, stale) == [False]
+        assert await apply(store, good) == [True]
+        claimed = await store.claim_outbox(owner=OWNER, lease_seconds=LEASE, limit=10)
+        assert [m.id for m in claimed] == ["m-good"]
+
+    async def test_outbox_claims_oldest_first_within_the_limit(
+        self, store: Store, clock: FakeClock
+    ) -> None:
+        for i in range(5):
+            await create(store, replace(new_run(f"r-{i}"), outbox=[
+                OutboxMessage(id=f"m-{i}", destination="d", body=str(i))]))
+            clock.advance(1)
+        first = await store.claim_outbox(owner=OWNER, lease_seconds=LEASE, limit=2)
+        rest = await store.claim_outbox(owner=OTHER, lease_seconds=LEASE, limit=10)
+        assert [m.id for m in first] == ["m-0", "m-1"]
+        assert [m.id for m in rest] == ["m-2", "m-3", "m-4"]
+        count, oldest = await store.outbox_backlog()
+        assert count == 5 and oldest is not None and oldest < clock() - 4
+
+    async def test_a_duplicate_message_id_fails_the_whole_batch(self, store: Store) -> None:
+        await create(store, replace(new_run("r-1"), outbox=[
+            OutboxMessage(id="m-1", destination="d", body="{}")]))
+        dup = replace(new_run("r-2"), outbox=[OutboxMessage(id="m-1", destination="d",
+                                                             body="{}")])
+        with pytest.raises(StoreError):
+            await store.commit([dup], [], owner=OWNER, lease_seconds=LEASE)
+        assert await store.get_run("r-2") is None
+        assert await store.outbox_backlog() == (1, T0)
 
     # -- documents round-trip ---------------------------------------------------------------
 

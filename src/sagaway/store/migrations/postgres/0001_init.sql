@@ -38,3 +38,20 @@ CREATE TABLE IF NOT EXISTS sagaway_history (
     entries JSON NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
+
+-- The transactional outbox: messages written with the transition that emits them, relayed
+-- to the broker and marked sent only after the broker confirmed them.
+CREATE TABLE IF NOT EXISTS sagaway_outbox (
+    id            TEXT PRIMARY KEY,
+    destination   TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    run_id        TEXT,
+    created_at    DOUBLE PRECISION NOT NULL,
+    owner         TEXT,
+    lease_expires DOUBLE PRECISION,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    sent_at       DOUBLE PRECISION
+);
+
+CREATE INDEX IF NOT EXISTS sagaway_outbox_unsent ON sagaway_outbox (created_at, id)
+    WHERE sent_at IS NULL;

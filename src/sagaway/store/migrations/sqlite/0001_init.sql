@@ -38,3 +38,19 @@ CREATE TABLE sagaway_history (
 );
 
 CREATE UNIQUE INDEX sagaway_history_run ON sagaway_history (run_id, seq);
+
+-- The transactional outbox: messages written with the transition that emits them, relayed
+-- to the broker and marked sent only after the broker confirmed them.
+CREATE TABLE sagaway_outbox (
+    id            TEXT PRIMARY KEY,
+    destination   TEXT NOT NULL,
+    body          TEXT NOT NULL,
+    run_id        TEXT,
+    created_at    REAL NOT NULL,
+    owner         TEXT,
+    lease_expires REAL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    sent_at       REAL
+);
+
+CREATE INDEX sagaway_outbox_unsent ON sagaway_outbox (created_at, id) WHERE sent_at IS NULL;
