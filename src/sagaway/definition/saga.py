@@ -20,7 +20,7 @@ from sagaway.definition.retry import (
 )
 from sagaway.errors import DefinitionError
 
-__all__ = ["Saga", "Step", "StepContext", "StepKind"]
+__all__ = ["Command", "Saga", "Step", "StepContext", "StepKind"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 
@@ -75,6 +75,30 @@ def _check_callable(fn: Any, what: str) -> None:
         raise DefinitionError(f"{what} must be a function, got {fn!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A step (or compensation) carried out by another service over messages.
+
+    The orchestrator writes the command to its outbox with the transition that starts the
+    step, the run parks (no task waits on it), and the service's reply wakes it.
+    """
+
+    service: str
+    """The destination (queue or stream) the service consumes."""
+    name: str
+    """The command's type, which picks the service's handler."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise TypeError(
+            f"{self.name!r} is a command for service {self.service!r}: the orchestrator sends it "
+            f"as a message; it cannot be called in-process"
+        )
+
+
+DEFAULT_COMMAND_TIMEOUT = 30.0
+"""Seconds a command step waits for its reply before the attempt counts as timed out."""
+
+
 class Step:
     """One step of a saga: an action, an optional compensation, and their policies.
 
@@ -122,6 +146,15 @@ class Step:
         if self.declared_retry is not None:
             return self.declared_retry
         return DEFAULT_RETRIABLE_RETRY if self.kind is StepKind.RETRIABLE else DEFAULT_ACTION_RETRY
+
+    @property
+    def remote(self) -> bool:
+        """The action is a command to another service (a reply wakes the run)."""
+        return isinstance(self.action, Command)
+
+    @property
+    def remote_compensation(self) -> bool:
+        return isinstance(self.compensation_fn, Command)
 
     @property
     def is_async(self) -> bool:
@@ -314,6 +347,43 @@ class Saga:
         if fn is not None:
             return register(fn)
         return register
+
+    def command_step(
+        self,
+        name: str,
+        *,
+        service: str,
+        command: str | None = None,
+        compensation: str | None = None,
+        timeout: float = DEFAULT_COMMAND_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        pivot: bool = False,
+        retriable: bool = False,
+        read_only: bool = False,
+    ) -> Step:
+        """Declare a step that another service carries out, over messages.
+
+        ``order.command_step("reserve_inventory", service="inventory", command="reserve",
+        compensation="release", timeout=10)`` sends a ``reserve`` command (with the run's
+        input as its payload and the step's idempotency key) to ``inventory``; the service's
+        reply completes the step. No reply within ``timeout`` seconds is a timed-out attempt:
+        possibly applied, retried by ``retry``, compensated with the ``release`` command.
+        """
+        if not isinstance(service, str) or not service.strip():
+            raise DefinitionError(f"command step {name!r}: service must be a non-empty name")
+        if timeout is None or timeout <= 0:
+            raise DefinitionError(
+                f"command step {name!r}: timeout must be > 0 seconds (a lost reply must not "
+                f"park the run forever)"
+            )
+        declare = self.step(name=name, retry=retry, timeout=timeout, pivot=pivot,
+                            retriable=retriable, read_only=read_only)
+        step: Step = declare(Command(service, command or name))
+        if compensation is not None:
+            step.compensation(retry=compensation_retry, timeout=timeout)(
+                Command(service, compensation))
+        return step
 
     def parallel(self, *steps: Step) -> None:
         """Run already-declared, consecutive steps concurrently as one stage.

@@ -89,7 +89,9 @@ class _Decider:
         s = self.step_state(step.name)
         s.attempts += 1
         s.status = StepStatus.RUNNING
-        s.wake_at = None
+        # A command to another service waits for its reply until this deadline; a local
+        # call is timed by the worker that makes it.
+        s.wake_at = self.now + step.timeout if step.remote and step.timeout else None
         self.log("step.started", step.name, s.attempts)
         self.commands.append(InvokeAction(step.name, s.attempts))
 
@@ -97,7 +99,8 @@ class _Decider:
         s = self.step_state(step.name)
         s.compensation_attempts += 1
         s.status = StepStatus.COMPENSATING
-        s.wake_at = None
+        timeout = step.compensation_timeout
+        s.wake_at = self.now + timeout if step.remote_compensation and timeout else None
         self.log("compensation.started", step.name, s.compensation_attempts)
         self.commands.append(InvokeCompensation(step.name, s.compensation_attempts))
 
@@ -282,6 +285,7 @@ class _Decider:
             return
         step, s = found
         s.status = StepStatus.SUCCEEDED
+        s.wake_at = None
         s.succeeded = True
         s.result = event.result
         s.error = None
@@ -309,6 +313,7 @@ class _Decider:
             return
         step, s = found
         s.status = StepStatus.COMPENSATED
+        s.wake_at = None
         s.error = None
         self.log("compensation.succeeded", step.name, event.attempt)
         self.advance_compensation()
@@ -333,6 +338,16 @@ class _Decider:
                 self.invoke_action(step)
             elif s.status is StepStatus.COMPENSATION_WAITING:
                 self.invoke_compensation(step)
+            elif s.status is StepStatus.RUNNING:
+                error = f"no reply within {step.timeout}s (may have taken effect)"
+                self.log("step.failed", step.name, s.attempts, error=error, retryable=True,
+                         maybe_applied=True)
+                self.action_failed(step, s, error, retryable=True, maybe_applied=True)
+            elif s.status is StepStatus.COMPENSATING:
+                error = f"no reply within {step.compensation_timeout}s"
+                self.log("compensation.failed", step.name, s.compensation_attempts,
+                         error=error, retryable=True)
+                self.compensation_failed(step, s, error, retryable=True)
 
     def on_operator(self, event: Operator) -> None:
         allowed = OPERATOR_ALLOWED.get(event.action)
@@ -424,11 +439,14 @@ class _Decider:
         self.log("run.recovered")
         # Collected first: handling one interruption can start compensations of siblings,
         # and those are new attempts, not interrupted ones.
+        # A command to another service is not cut by a worker's crash: it sits in the
+        # outbox (written with the transition) and its reply, or its deadline, moves it on.
         interrupted = [
             (step, s, s.status)
             for step in self.saga.steps
             if (s := self.state.steps.get(step.name)) is not None
-            and s.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+            and ((s.status is StepStatus.RUNNING and not step.remote)
+                 or (s.status is StepStatus.COMPENSATING and not step.remote_compensation))
         ]
         for step, s, status in interrupted:
             if self.state.status.finished:

@@ -307,11 +307,21 @@ class Store(abc.ABC):
         limit: int,
         definitions: Collection[tuple[str, int]],
     ) -> list[RunRecord]:
-        """Lease up to ``limit`` runs, unowned or with an expired lease, that are active or
-        carry an operator request.
+        """Lease up to ``limit`` runs, unowned or with an expired lease, that are due: active
+        with no timer or a timer that has come (``wake_at <= now``), or carrying an operator
+        request. A run parked on a reply or a backoff is left alone until its timer.
 
         Only runs whose (saga, version) is in ``definitions`` are claimed, so a worker never
         takes a run it cannot drive. Claiming bumps the row version (fencing the old owner).
+        """
+
+    @abc.abstractmethod
+    async def claim_run(self, run_id: str, *, owner: str, lease_seconds: float
+                        ) -> RunRecord | None:
+        """Lease one active run now, whatever its timer, if unowned or its lease expired.
+
+        For a reply that wakes a parked run. None when another worker holds it, or it is
+        finished or unknown. Bumps the row version like ``claim_due``.
         """
 
     @abc.abstractmethod

@@ -188,11 +188,26 @@ class MemoryStore(Store):
                 continue
             if rec.owner is not None and rec.lease_expires is not None and rec.lease_expires > now:
                 continue
+            if rec.request is None and rec.wake_at is not None and rec.wake_at > now:
+                continue
             row.record = replace(
                 rec, owner=owner, lease_expires=now + lease_seconds, row_version=rec.row_version + 1
             )
             claimed.append(self._load(row))
         return claimed
+
+    async def claim_run(self, run_id: str, *, owner: str, lease_seconds: float
+                        ) -> RunRecord | None:
+        now = self._clock()
+        row = self._rows.get(run_id)
+        if row is None or row.record.status not in ACTIVE_STATUSES:
+            return None
+        rec = row.record
+        if rec.owner is not None and rec.lease_expires is not None and rec.lease_expires > now:
+            return None
+        row.record = replace(rec, owner=owner, lease_expires=now + lease_seconds,
+                             row_version=rec.row_version + 1)
+        return self._load(row)
 
     async def request_operation(
         self,

@@ -354,6 +354,7 @@ class PostgresStore(Store):
                 f" SELECT id FROM sagaway_runs"
                 f" WHERE (status IN ({_ACTIVE_SQL}) OR request IS NOT NULL)"
                 f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(6)})"
+                f" AND (request IS NOT NULL OR wake_at IS NULL OR wake_at <= {_now(6)})"
                 f" AND (saga, version) IN (SELECT * FROM unnest($1::text[], $2::int[]))"
                 f" ORDER BY wake_at NULLS FIRST LIMIT $3 FOR UPDATE SKIP LOCKED)"
                 f" UPDATE sagaway_runs AS r SET owner = $4, lease_expires = {_now(6)} + $5,"
@@ -367,6 +368,19 @@ class PostgresStore(Store):
                 self._test_now(),
             )
         return [record_from_row(r) for r in rows]
+
+    async def claim_run(self, run_id: str, *, owner: str, lease_seconds: float
+                        ) -> RunRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE sagaway_runs SET owner = $1, lease_expires = {_now(4)} + $2,"
+                f" row_version = row_version + 1 WHERE id = $3"
+                f" AND status IN ({_ACTIVE_SQL})"
+                f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= {_now(4)})"
+                f" RETURNING {_COLUMNS}",
+                owner, lease_seconds, run_id, self._test_now(),
+            )
+        return None if row is None else record_from_row(row)
 
     async def request_operation(
         self,

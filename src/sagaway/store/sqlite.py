@@ -330,7 +330,7 @@ class SQLiteStore(Store):
         def tx(conn: sqlite3.Connection) -> list[RunRecord]:
             now = clock()
             pairs = ", ".join("(?, ?)" for _ in defs)
-            params: list[Any] = [owner, now + lease_seconds, now]
+            params: list[Any] = [owner, now + lease_seconds, now, now]
             for saga, version in defs:
                 params.extend((saga, version))
             params.append(limit)
@@ -341,12 +341,30 @@ class SQLiteStore(Store):
                 f" SELECT id FROM sagaway_runs"
                 f" WHERE (status IN ({_ACTIVE_SQL}) OR request IS NOT NULL)"
                 f" AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?)"
+                f" AND (request IS NOT NULL OR wake_at IS NULL OR wake_at <= ?)"
                 f" AND (saga, version) IN (VALUES {pairs})"
                 f" ORDER BY wake_at LIMIT ?) RETURNING {_COLUMNS}",
                 params,
             ).fetchall()
             conn.execute("COMMIT")
             return [record_from_row(r) for r in rows]
+
+        return await self._run(tx)
+
+    async def claim_run(self, run_id: str, *, owner: str, lease_seconds: float
+                        ) -> RunRecord | None:
+        clock = self._clock
+
+        def tx(conn: sqlite3.Connection) -> RunRecord | None:
+            now = clock()
+            row = conn.execute(
+                f"UPDATE sagaway_runs SET owner = ?, lease_expires = ?, "
+                f"row_version = row_version + 1 WHERE id = ? AND status IN ({_ACTIVE_SQL}) "
+                f"AND (owner IS NULL OR lease_expires IS NULL OR lease_expires <= ?) "
+                f"RETURNING {_COLUMNS}",
+                (owner, now + lease_seconds, run_id, now),
+            ).fetchone()
+            return None if row is None else record_from_row(row)
 
         return await self._run(tx)
 

@@ -622,8 +622,10 @@ class StoreConformance:
         assert {r.id for r in first} | {r.id for r in rest} == {f"run-{i}" for i in range(5)}
         assert {r.owner for r in first} == {OTHER} and {r.owner for r in rest} == {THIRD}
 
-    async def test_claim_due_takes_the_most_due_runs_first(self, store: Store) -> None:
-        """Under a limit, runs without a timer (due now) come first, then earliest wake_at."""
+    async def test_claim_due_takes_the_most_due_runs_first(
+        self, store: Store, clock: FakeClock
+    ) -> None:
+        """Runs parked on a timer wait for it; under a limit, the most overdue come first."""
         await create(
             store,
             new_run("late", wake_at=T0 + 300),
@@ -632,8 +634,29 @@ class StoreConformance:
             new_run("later", wake_at=T0 + 200),
         )
         await release_all(store)
-        first = await store.claim_due(owner=OTHER, lease_seconds=LEASE, limit=2, definitions=DEFS)
-        assert sorted(r.id for r in first) == ["now", "soon"]
+        first = await store.claim_due(owner=OTHER, lease_seconds=10_000, limit=5,
+                                      definitions=DEFS)
+        assert [r.id for r in first] == ["now"]
+        clock.advance(250)
+        second = await store.claim_due(owner=OTHER, lease_seconds=LEASE, limit=1,
+                                       definitions=DEFS)
+        assert [r.id for r in second] == ["soon"]
+        rest = await store.claim_due(owner=OTHER, lease_seconds=LEASE, limit=5, definitions=DEFS)
+        assert [r.id for r in rest] == ["later"]
+
+    async def test_claim_run_wakes_one_parked_run(self, store: Store, clock: FakeClock) -> None:
+        await create(store, new_run("parked", wake_at=T0 + 300), new_run("held"))
+        await release_all(store)
+        await store.claim_due(owner=OWNER, lease_seconds=LEASE, limit=5, definitions=DEFS)
+        got = await store.claim_run("parked", owner=OTHER, lease_seconds=LEASE)
+        assert got is not None and (got.owner, got.row_version) == (OTHER, 2)
+        # Not while someone holds it, and never a finished or unknown run.
+        assert await store.claim_run("parked", owner=OWNER, lease_seconds=LEASE) is None
+        assert await store.claim_run("held", owner=OTHER, lease_seconds=LEASE) is None
+        assert await store.claim_run("nope", owner=OTHER, lease_seconds=LEASE) is None
+        clock.advance(LEASE)
+        again = await store.claim_run("parked", owner=OWNER, lease_seconds=LEASE)
+        assert again is not None and again.owner == OWNER
 
     # -- renew_leases / release_leases ------------------------------------------------------
 
