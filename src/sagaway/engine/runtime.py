@@ -28,12 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagaway.definition.saga import Command as CommandSpec
 from sagaway.definition.saga import Saga, StepContext, idempotency_key
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.committer import GroupCommitter
 from sagaway.engine.decider import OPERATOR_ALLOWED, decide
 from sagaway.engine.listener import Listener, Transition
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
+from sagaway.engine.relay import OutboxRelay, command_message, parse_reply
 from sagaway.engine.state import (
     ActionFailed,
     ActionSucceeded,
@@ -47,6 +49,7 @@ from sagaway.engine.state import (
     Recover,
     RunState,
     Start,
+    StepStatus,
     TimerFired,
 )
 from sagaway.errors import (
@@ -59,12 +62,14 @@ from sagaway.errors import (
     RunNotFound,
     SagawayError,
     StoreError,
+    TransportError,
     UnknownSaga,
     WaitTimeout,
 )
+from sagaway.messaging.base import Delivery, Subscription, Transport
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaRun, SagaStatus
 from sagaway.store import open_store
-from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
+from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
 
 __all__ = ["NonRetryableError", "Orchestrator", "RunHandle"]
 
@@ -171,6 +176,9 @@ class Orchestrator:
         worker: False makes this a client: ``start`` only records the run (PENDING,
             unowned) and the worker processes sharing the store drive it; nothing is
             claimed or recovered here. For API services that start sagas.
+        transport: the message broker for command steps (``amqp://…``, ``nats://…``,
+            ``redis://…``, ``memory://``, or a Transport): commands go out through the
+            store's outbox, replies come back on ``reply_to``, which all workers share.
     """
 
     def __init__(
@@ -187,6 +195,8 @@ class Orchestrator:
         max_runs: int = 100_000,
         clock: Clock | None = None,
         worker: bool = True,
+        transport: str | Transport | None = None,
+        reply_to: str = "sagaway.replies",
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
@@ -203,6 +213,22 @@ class Orchestrator:
         self.max_runs = max_runs
         self.clock: Clock = clock or SystemClock()
         self.worker = worker
+        if isinstance(transport, str):
+            from sagaway.messaging import open_transport
+
+            transport = open_transport(transport)
+        self.transport: Transport | None = transport
+        self.reply_to = reply_to
+        self._relay: OutboxRelay | None = None
+        self._replies: Subscription | None = None
+        if worker and transport is None:
+            remote = [f"{s.name}.{st.name}" for s in self.sagas for st in s.steps
+                      if st.remote or st.remote_compensation]
+            if remote:
+                raise DefinitionError(
+                    f"command steps {remote} send messages: pass transport=… (amqp://, "
+                    f"nats://, redis:// or memory://) to the Orchestrator"
+                )
         self._max_threads = max_threads
         self._threads: ThreadPoolExecutor | None = None
         self._drivers: dict[str, _Driver] = {}
@@ -268,6 +294,13 @@ class Orchestrator:
         )
         self._committer.start()
         self._open = True
+        if self.transport is not None and self.worker:
+            await self.transport.open()
+            self._relay = OutboxRelay(self.store, self.transport, owner=self.worker_id,
+                                      lease_seconds=self.lease_seconds,
+                                      poll_interval=self.poll_interval)
+            self._relay.start()
+            self._replies = await self.transport.subscribe(self.reply_to, self._on_reply)
         if self.worker:
             self._background = [
                 asyncio.create_task(self._poll_loop(), name="sagaway-recovery"),
@@ -283,6 +316,10 @@ class Orchestrator:
         if not self._open:
             return
         self._open = False
+        if self._replies is not None:
+            with contextlib.suppress(Exception):
+                await self._replies.stop(grace=1.0)
+            self._replies = None
         for task in self._background:
             task.cancel()
         drivers = list(self._drivers.values())
@@ -300,6 +337,12 @@ class Orchestrator:
             log.warning("could not release leases on close (they expire in %.0fs): %s",
                         self.lease_seconds, exc)
         self._drivers.clear()
+        if self._relay is not None:
+            await self._relay.aclose()
+            self._relay = None
+        if self.transport is not None and self.worker:
+            with contextlib.suppress(Exception):
+                await self.transport.aclose()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
@@ -335,6 +378,7 @@ class Orchestrator:
         if not self.worker:
             return await self._submit(committer, definition, run_id, now, plain, text, key)
         decision = decide(definition, run_id, RunState(), Start(now))
+        park = self._parks(definition, decision.state, decision.commands, busy=False)
         new = NewRun(
             id=run_id,
             saga=definition.name,
@@ -347,6 +391,8 @@ class Orchestrator:
             wake_at=decision.state.wake_at,
             now=now,
             history=decision.history,
+            leased=not park,
+            outbox=self._outbox_for(run_id, definition, plain, decision.commands),
         )
         # Registered before the write, so a lease renewal racing the creation never takes
         # this run for an orphan.
@@ -368,6 +414,11 @@ class Orchestrator:
         driver.committed = True
         driver.transitions = 1
         self._notify(driver, decision.history)
+        if new.outbox and self._relay is not None:
+            self._relay.poke()
+        if park:
+            self._park(driver)
+            return RunHandle(self, run_id, definition.name, created=True)
         driver.task = asyncio.create_task(self._drive(driver, decision.commands),
                                           name=f"sagaway-run-{run_id}")
         return RunHandle(self, run_id, definition.name, created=True)
@@ -618,23 +669,28 @@ class Orchestrator:
                      first: Event | None = None) -> None:
         try:
             while True:
+                local = [c for c in commands if not self._remote(d.saga, c)]
                 if first is not None:
                     event, first = first, None
-                elif (len(commands) == 1 and not d.invocations and d.events.empty()
+                elif (len(local) == 1 and not d.invocations and d.events.empty()
                         and d.state.wake_at is None):
                     # The common sequential case: nothing else can happen to this run until
                     # the one invocation returns, so run it here rather than as a task.
                     self._cancel_timer(d)
-                    event = await self._invoke(d, commands[0])
+                    event = await self._invoke(d, local[0])
                 else:
-                    self._execute(d, commands)
+                    self._execute(d, local)
                     if d.state.status.finished:
                         break
                     event = await d.events.get()
                 decision = decide(d.saga, d.run_id, d.state, event)
                 commands = decision.commands
                 if decision.history:
-                    await self._commit(d, decision.state, decision.history)
+                    park = self._parks(d.saga, decision.state, commands, busy=bool(d.invocations))
+                    await self._commit(d, decision.state, decision.history, commands, park=park)
+                    if park:
+                        self._park(d)
+                        return
                 if d.state.status.finished:
                     break
         except LeaseLost:
@@ -663,12 +719,14 @@ class Orchestrator:
             d.done.set()
 
     async def _commit(self, d: _Driver, state: RunState,
-                      history: builtins.list[HistoryEntry]) -> None:
+                      history: builtins.list[HistoryEntry],
+                      commands: Iterable[Command] = (), *, park: bool = False) -> None:
         committer = self._require_open()
         now = history[-1].at if history else self.clock.now()
-        # The write that finishes the run drops its lease too: a renewal answered while it is
-        # in flight must not take the run for lost.
-        d.releasing = state.status.finished
+        # The write that finishes (or parks) the run drops its lease too: a renewal answered
+        # while it is in flight must not take the run for lost.
+        d.releasing = state.status.finished or park
+        outbox = self._outbox_for(d.run_id, d.saga, d.input, commands)
         ok = await committer.update(
             RunUpdate(
                 run_id=d.run_id,
@@ -679,10 +737,13 @@ class Orchestrator:
                 wake_at=state.wake_at,
                 now=now,
                 history=history,
-                release=state.status.finished,
+                release=state.status.finished or park,
                 clear_request=d.clear_request,
+                outbox=outbox,
             )
         )
+        if outbox and self._relay is not None:
+            self._relay.poke()
         if not ok:
             raise LeaseLost(f"run {d.run_id} was taken over by another worker")
         d.row_version += 1
@@ -704,6 +765,88 @@ class Orchestrator:
                 listener.on_transition(transition)
             except Exception:
                 log.exception("listener %r failed on run %s", listener, d.run_id)
+
+    # -- command steps ----------------------------------------------------------------------
+
+    @staticmethod
+    def _remote(saga: Saga, cmd: Command) -> bool:
+        step = saga[cmd.step]
+        return step.remote if isinstance(cmd, InvokeAction) else step.remote_compensation
+
+    def _outbox_for(self, run_id: str, saga: Saga, data: Any, commands: Iterable[Command]
+                    ) -> builtins.list[OutboxMessage]:
+        """The command messages a transition emits (written in its own transaction)."""
+        out = []
+        for cmd in commands:
+            if not self._remote(saga, cmd):
+                continue
+            step = saga[cmd.step]
+            compensating = isinstance(cmd, InvokeCompensation)
+            target = step.compensation_fn if compensating else step.action
+            assert isinstance(target, CommandSpec)
+            out.append(command_message(
+                run_id=run_id, step=step.name, attempt=cmd.attempt,
+                key=idempotency_key(run_id, step.name, compensation=compensating),
+                service=target.service, command=target.name, payload=data,
+                reply_to=self.reply_to,
+            ))
+        return out
+
+    def _parks(self, saga: Saga, state: RunState, commands: Iterable[Command], *,
+               busy: bool) -> bool:
+        """Only replies (or timers) can move the run on: release it instead of holding it."""
+        if state.status.finished or busy or self.transport is None:
+            return False
+        if any(not self._remote(saga, c) for c in commands):
+            return False
+        return any(
+            (s.status is StepStatus.RUNNING and saga[name].remote)
+            or (s.status is StepStatus.COMPENSATING and saga[name].remote_compensation)
+            for name, s in state.steps.items()
+        )
+
+    def _park(self, d: _Driver) -> None:
+        # No task waits for the reply: the run sits in the store, leased to nobody, until the
+        # reply claims it (claim_run) or its deadline makes it due (claim_due).
+        self._cancel_timer(d)
+        if self._drivers.get(d.run_id) is d:
+            del self._drivers[d.run_id]
+        d.done.set()
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        """A participant answered: wake the run with the answer as its next event."""
+        reply = parse_reply(delivery.envelope)
+        now = self.clock.now()
+        event: Event
+        if reply.compensation:
+            event = (CompensationSucceeded(reply.step, reply.attempt, now) if reply.ok else
+                     CompensationFailed(reply.step, reply.attempt, reply.error or "", now,
+                                        retryable=reply.retryable))
+        else:
+            event = (ActionSucceeded(reply.step, reply.attempt, reply.result, now) if reply.ok
+                     else ActionFailed(reply.step, reply.attempt, reply.error or "", now,
+                                       retryable=reply.retryable))
+        d = self._drivers.get(reply.run_id)
+        if d is not None and not d.releasing and not d.done.is_set():
+            d.events.put_nowait(event)
+            return
+        record = await self.store.claim_run(reply.run_id, owner=self.worker_id,
+                                            lease_seconds=self.lease_seconds)
+        if record is None:
+            existing = await self.store.get_run(reply.run_id, history=False)
+            if existing is None or existing.status.finished:
+                log.info("reply for %s step %s: the run is %s; nothing to wake", reply.run_id,
+                         reply.step, existing.status.value if existing else "unknown")
+                return
+            # Held by a worker (parking right now, or driving a parallel sibling): let the
+            # transport redeliver in a moment.
+            await asyncio.sleep(0.05)
+            raise TransportError(f"run {reply.run_id} is held by {existing.owner}; redeliver")
+        if (record.saga, record.version) not in self._definitions:
+            await self.store.release_leases(owner=self.worker_id, run_ids=[record.id])
+            raise UnknownSaga(f"a reply for run {record.id} of {record.saga} v{record.version}, "
+                              f"which this worker does not register")
+        self._adopt(record, first=event)
 
     def _execute(self, d: _Driver, commands: builtins.list[Any]) -> None:
         for cmd in commands:
@@ -876,7 +1019,7 @@ class Orchestrator:
         for record in records:
             self._adopt(record)
 
-    def _adopt(self, record: RunRecord) -> None:
+    def _adopt(self, record: RunRecord, first: Event | None = None) -> None:
         old = self._drivers.get(record.id)
         if old is not None:
             # Our own lease expired (renewal stalled) and we claimed the run again: the old
@@ -898,8 +1041,9 @@ class Orchestrator:
         )
         self._claim_seq += 1
         self._drivers[record.id] = d
-        first: Event
-        if record.request is not None:
+        if first is not None:
+            pass
+        elif record.request is not None:
             req = record.request
             log.info("run %s (%s v%s): carrying out operator %s's %r", record.id, record.saga,
                      record.version, req.get("actor"), req.get("action"))
