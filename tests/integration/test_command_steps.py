@@ -214,3 +214,43 @@ async def test_a_command_committed_but_not_published_is_sent_after_a_restart(
         assert await second.store.outbox_backlog() == (0, None)
     assert done.status is SagaStatus.COMPLETED
     assert inventory.effects[f"{done.id}:reserve:action"] == 1
+
+
+async def test_a_saga_publishes_its_domain_event_when_it_ends(store_url: str) -> None:
+    transport = MemoryTransport()
+    saga = order_saga()
+    saga.emits(destination="order-events", completed="OrderPlaced",
+               compensated="OrderCancelled")
+    seen: list[Envelope] = []
+
+    async def collect(delivery: Delivery) -> None:
+        seen.append(delivery.envelope)
+
+    async with Orchestrator(store_url, sagas=[saga], transport=transport,
+                            poll_interval=0.05) as orch:
+        await services(transport)
+        await transport.subscribe("order-events", collect)
+        placed = await (await orch.start("order", {"n": 1})).wait(timeout=10)
+        cancelled = await (await orch.start("order", {"decline": True})).wait(timeout=10)
+
+        async def both() -> bool:
+            return len(seen) == 2
+
+        await eventually(both)
+    by_run = {e.run_id: e for e in seen}
+    assert by_run[placed.id].type == "OrderPlaced"
+    assert by_run[placed.id].payload["results"]["charge"] == "charged"
+    assert by_run[cancelled.id].type == "OrderCancelled"
+    assert by_run[cancelled.id].payload["input"] == {"decline": True}
+    assert by_run[cancelled.id].idempotency_key == f"{cancelled.id}:event"
+
+
+def test_messages_without_a_transport_are_a_definition_error() -> None:
+    import pytest
+
+    from sagaway import DefinitionError
+
+    with pytest.raises(DefinitionError, match=r"order.reserve, order.ship send messages"):
+        Orchestrator("memory://", sagas=[order_saga()])
+    # A client never sends them: it only records runs.
+    Orchestrator("memory://", sagas=[order_saga()], worker=False)

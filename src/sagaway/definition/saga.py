@@ -239,6 +239,26 @@ class Saga:
         # every event, so they must not be rebuilt each time.
         self._steps_cache: list[Step] | None = None
         self._stages_cache: list[tuple[Step, ...]] | None = None
+        self.events: dict[str, str] = {}
+        """Domain event type to publish when the run ends, by final status."""
+        self.events_destination: str | None = None
+
+    def emits(self, *, destination: str, completed: str | None = None,
+              compensated: str | None = None, failed: str | None = None) -> None:
+        """Publish a domain event when a run ends, through the outbox (same transaction).
+
+        ``order.emits(destination="order-events", completed="OrderPlaced",
+        compensated="OrderCancelled")``. The event's payload holds the run id, the input and
+        the results; its idempotency key is ``{run_id}:event``.
+        """
+        if not isinstance(destination, str) or not destination.strip():
+            raise DefinitionError(f"saga {self.name!r}: emits() needs a destination")
+        chosen = {"COMPLETED": completed, "COMPENSATED": compensated, "FAILED": failed}
+        events = {status: name for status, name in chosen.items() if name}
+        if not events:
+            raise DefinitionError(f"saga {self.name!r}: emits() needs at least one event type")
+        self.events = events
+        self.events_destination = destination
 
     def __repr__(self) -> str:
         return f"<Saga {self.name} v{self.version}: {' -> '.join(self._steps)}>"

@@ -29,7 +29,8 @@ from sagaway.messaging.base import Transport
 from sagaway.messaging.envelope import Envelope
 from sagaway.store.base import OutboxMessage, Store
 
-__all__ = ["REPLY_TYPE", "OutboxRelay", "Reply", "command_message", "parse_reply"]
+__all__ = ["REPLY_TYPE", "OutboxRelay", "Reply", "command_message", "domain_event",
+           "parse_reply"]
 
 log = logging.getLogger("sagaway.relay")
 
@@ -49,6 +50,16 @@ def command_message(*, run_id: str, step: str, key: str, attempt: int, service: 
         correlation_id=f"{key}:{attempt}",
     )
     return OutboxMessage(id=envelope.id, destination=service,
+                         body=envelope.to_bytes(max_bytes=None).decode())
+
+
+def domain_event(*, run_id: str, saga: str, event_type: str, destination: str,
+                 payload: Any) -> OutboxMessage:
+    """The outbox row of the event a saga publishes when it ends."""
+    envelope = Envelope(type=event_type, payload=payload, run_id=run_id,
+                        idempotency_key=f"{run_id}:event", correlation_id=run_id,
+                        extra={"saga": saga})
+    return OutboxMessage(id=envelope.id, destination=destination,
                          body=envelope.to_bytes(max_bytes=None).decode())
 
 

@@ -35,7 +35,7 @@ from sagaway.engine.committer import GroupCommitter
 from sagaway.engine.decider import OPERATOR_ALLOWED, decide
 from sagaway.engine.listener import Listener, Transition
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
-from sagaway.engine.relay import OutboxRelay, command_message, parse_reply
+from sagaway.engine.relay import OutboxRelay, command_message, domain_event, parse_reply
 from sagaway.engine.state import (
     ActionFailed,
     ActionSucceeded,
@@ -224,9 +224,10 @@ class Orchestrator:
         if worker and transport is None:
             remote = [f"{s.name}.{st.name}" for s in self.sagas for st in s.steps
                       if st.remote or st.remote_compensation]
+            remote += [f"{s.name} (events)" for s in self.sagas if s.events]
             if remote:
                 raise DefinitionError(
-                    f"command steps {remote} send messages: pass transport=… (amqp://, "
+                    f"{', '.join(remote)} send messages: pass transport=… (amqp://, "
                     f"nats://, redis:// or memory://) to the Orchestrator"
                 )
         self._max_threads = max_threads
@@ -727,6 +728,15 @@ class Orchestrator:
         # while it is in flight must not take the run for lost.
         d.releasing = state.status.finished or park
         outbox = self._outbox_for(d.run_id, d.saga, d.input, commands)
+        event_type = d.saga.events.get(state.status.value)
+        if event_type and d.saga.events_destination and not d.state.status.finished:
+            outbox.append(domain_event(
+                run_id=d.run_id, saga=d.saga.name, event_type=event_type,
+                destination=d.saga.events_destination,
+                payload={"run_id": d.run_id, "saga": d.saga.name,
+                         "status": state.status.value, "input": d.input,
+                         "results": state.results},
+            ))
         ok = await committer.update(
             RunUpdate(
                 run_id=d.run_id,
