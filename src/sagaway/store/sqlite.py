@@ -44,7 +44,7 @@ from sagaway.store.base import (
 )
 from sagaway.store.migrations import migration_files
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "connect"]
 
 T = TypeVar("T")
 
@@ -68,6 +68,35 @@ def _statements(script: str) -> list[str]:
     ):
         raise sqlite3.OperationalError(f"incomplete statement in migration: {pending[:80]!r}")
     return out
+
+
+def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    """A connection in autocommit mode, WAL, with the durability and lock wait asked for.
+
+    Shared by the saga log and the participant's database (``sagaway.participant``).
+    """
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite does not call the
+        # busy handler for it: when two processes open a new file at once, retry here.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class SQLiteStore(Store):
@@ -147,27 +176,13 @@ class SQLiteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        # Switching a new file to WAL needs an exclusive lock, and SQLite does not call the
-        # busy handler for it: when two processes open a new file at once, retry here.
-        deadline = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    conn.close()
-                    raise
-                time.sleep(0.01)
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        conn = connect(self.path, synchronous=self.synchronous, busy_timeout=self.busy_timeout)
         if self.migrate_on_open:
-            self._migrate(conn)
+            try:
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     async def migrate(self) -> list[str]:
