@@ -304,6 +304,11 @@ class _Decider:
         step, s = found
         self.log("step.failed", step.name, event.attempt, error=event.error,
                  retryable=event.retryable, maybe_applied=event.maybe_applied or None)
+        if step.remote and not event.retryable and not event.maybe_applied:
+            # A participant answers every attempt of a key with the one outcome its inbox
+            # recorded: a definite "no" proves no attempt took effect, even one whose reply
+            # was late.
+            s.maybe_applied = False
         self.action_failed(step, s, event.error, retryable=event.retryable,
                            maybe_applied=event.maybe_applied)
 

@@ -836,22 +836,30 @@ class Orchestrator:
             event = (ActionSucceeded(reply.step, reply.attempt, reply.result, now) if reply.ok
                      else ActionFailed(reply.step, reply.attempt, reply.error or "", now,
                                        retryable=reply.retryable))
-        d = self._drivers.get(reply.run_id)
-        if d is not None and not d.releasing and not d.done.is_set():
-            d.events.put_nowait(event)
-            return
-        record = await self.store.claim_run(reply.run_id, owner=self.worker_id,
-                                            lease_seconds=self.lease_seconds)
-        if record is None:
+        # The run may be held for a moment (it is parking, or a worker drives a sibling
+        # step): keep the reply and try again until a lease could have run out, rather than
+        # handing it back and burning its deliveries.
+        deadline = time.monotonic() + self.lease_seconds + self.poll_interval
+        pause = 0.02
+        while True:
+            d = self._drivers.get(reply.run_id)
+            if d is not None and not d.releasing and not d.done.is_set():
+                d.events.put_nowait(event)
+                return
+            record = await self.store.claim_run(reply.run_id, owner=self.worker_id,
+                                                lease_seconds=self.lease_seconds)
+            if record is not None:
+                break
             existing = await self.store.get_run(reply.run_id, history=False)
             if existing is None or existing.status.finished:
                 log.info("reply for %s step %s: the run is %s; nothing to wake", reply.run_id,
                          reply.step, existing.status.value if existing else "unknown")
                 return
-            # Held by a worker (parking right now, or driving a parallel sibling): let the
-            # transport redeliver in a moment.
-            await asyncio.sleep(0.05)
-            raise TransportError(f"run {reply.run_id} is held by {existing.owner}; redeliver")
+            if time.monotonic() > deadline:
+                raise TransportError(f"run {reply.run_id} is held by {existing.owner}; "
+                                     f"redeliver")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
         if (record.saga, record.version) not in self._definitions:
             await self.store.release_leases(owner=self.worker_id, run_ids=[record.id])
             raise UnknownSaga(f"a reply for run {record.id} of {record.saga} v{record.version}, "

@@ -58,9 +58,16 @@ class Transaction(abc.ABC):
     this transaction."""
 
     @abc.abstractmethod
-    async def claim(self, key: str) -> dict[str, Any] | None:
+    async def claim(self, key: str, *, fence: tuple[str, dict[str, Any]] | None = None
+                    ) -> dict[str, Any] | None:
         """Begin, and lock ``key``: its recorded reply payload, or ``None`` when this
-        transaction runs the handler (a savepoint is then set before it)."""
+        transaction runs the handler (a savepoint is then set before it).
+
+        ``fence`` = (another key, a reply): when this transaction runs the handler, also
+        record that reply for the other key unless it has one (a compensation fences its
+        action, so an action delivered after its compensation is never applied). On
+        PostgreSQL this waits for a transaction still running the other key.
+        """
 
     @abc.abstractmethod
     async def call_sync(self, fn: Callable[[Any], T]) -> T:

@@ -61,6 +61,11 @@ MAX_ERROR_CHARS = 2000
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+FENCED_ACTION = {"ok": False, "retryable": False,
+                 "error": "compensated before it was applied: not applied"}
+"""The reply recorded for an action whose compensation ran first."""
+
+
 class CommandRejected(SagawayError):
     """A command this participant cannot take: an unknown type, or no idempotency key or
     reply destination. The transport dead-letters it with this message as the reason."""
@@ -274,8 +279,11 @@ class Participant:
         except TransportError as exc:
             raise CommandRejected(f"command {env.type!r} {env.id}: reply_to: {exc}") from None
         fn, is_async = entry
+        fence = None
+        if key.endswith(":compensation"):
+            fence = (key.removesuffix(":compensation") + ":action", FENCED_ACTION)
         async with self.db.transaction() as tx:
-            recorded = await tx.claim(key)
+            recorded = await tx.claim(key, fence=fence)
             if recorded is not None:  # applied before: answer the same again
                 await tx.commit(
                     key, None, undo=False, destination=reply_to, body=self._reply(env, recorded)

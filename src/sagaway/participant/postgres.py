@@ -274,7 +274,8 @@ class _PostgresTransaction(Transaction):
         self._sync: SyncPostgresConnection | None = None
         self.committed = False
 
-    async def claim(self, key: str) -> dict[str, Any] | None:
+    async def claim(self, key: str, *, fence: tuple[str, dict[str, Any]] | None = None
+                    ) -> dict[str, Any] | None:
         conn = self.connection
         try:
             self._tx = conn.transaction()
@@ -288,6 +289,14 @@ class _PostgresTransaction(Transaction):
                     raise StoreError(f"the inbox row of {key!r} has no reply")
                 reply: dict[str, Any] = json.loads(text)
                 return reply
+            if fence is not None:
+                # Waits for a transaction still applying the fenced key, then records the
+                # fence only if that key has no row.
+                await conn.execute(
+                    "INSERT INTO sagaway_inbox (idempotency_key, reply, created_at)"
+                    " VALUES ($1, $2::text::json, $3) ON CONFLICT (idempotency_key) DO NOTHING",
+                    fence[0], json.dumps(fence[1], separators=(",", ":")), time.time(),
+                )
             self._savepoint = conn.transaction()
             await self._savepoint.start()
         except _ERRORS as exc:

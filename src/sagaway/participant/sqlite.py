@@ -259,7 +259,8 @@ class _SQLiteTransaction(Transaction):
         self.connection = AsyncSQLiteConnection(db)
         self.committed = False
 
-    async def claim(self, key: str) -> dict[str, Any] | None:
+    async def claim(self, key: str, *, fence: tuple[str, dict[str, Any]] | None = None
+                    ) -> dict[str, Any] | None:
         def claim(conn: sqlite3.Connection) -> dict[str, Any] | None:
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(
@@ -268,6 +269,11 @@ class _SQLiteTransaction(Transaction):
             if row is not None:
                 reply: dict[str, Any] = json.loads(row[0])
                 return reply
+            if fence is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO sagaway_inbox VALUES (?, ?, ?)",
+                    (fence[0], json.dumps(fence[1], separators=(",", ":")), time.time()),
+                )
             conn.execute("SAVEPOINT sagaway_handler")
             return None
 
