@@ -31,11 +31,14 @@ class GroupCommitter:
     """Batches creations and fenced updates into single ``Store.commit`` calls."""
 
     def __init__(self, store: Store, *, owner: str, lease_seconds: float,
-                 max_batch: int = 512) -> None:
+                 max_batch: int = 512, lanes: int = 1) -> None:
         self._store = store
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._max_batch = max_batch
+        # Batches in flight at once (on separate connections): while the database works on
+        # one, the event loop prepares the next. Runs never have two writes in flight.
+        self._lanes = lanes
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -75,16 +78,28 @@ class GroupCommitter:
         return await future
 
     async def _loop(self) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
-            if not self._queue:
-                if self._closed:
+            if not self._queue or len(in_flight) >= self._lanes:
+                if self._closed and not self._queue:
+                    await asyncio.gather(*in_flight)
                     return
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if in_flight and (self._queue or len(in_flight) >= self._lanes):
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await self._wakeup.wait()
                 continue
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            await self._write(batch)
+            # Split a large queue across the lanes; a small one goes whole (more, smaller
+            # commits would cost the database more than the overlap saves).
+            pending = len(self._queue)
+            size = pending if pending < 32 else -(-pending // self._lanes)
+            size = min(self._max_batch, size)
+            batch = self._queue[:size]
+            del self._queue[:size]
+            task = asyncio.create_task(self._write(batch))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
 
     async def _write(self, batch: list[_Pending]) -> None:
         creates = [p for p in batch if isinstance(p.op, NewRun)]

@@ -291,7 +291,8 @@ class Orchestrator:
         await self.store.open()
         self._threads = ThreadPoolExecutor(self._max_threads, thread_name_prefix="sagaway-step")
         self._committer = GroupCommitter(
-            self.store, owner=self.worker_id, lease_seconds=self.lease_seconds
+            self.store, owner=self.worker_id, lease_seconds=self.lease_seconds,
+            lanes=self.store.commit_lanes,
         )
         self._committer.start()
         self._open = True

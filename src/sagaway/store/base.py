@@ -259,6 +259,9 @@ class Store(abc.ABC):
     url: str = ""
     migrate_on_open: bool = True
     """Whether ``open()`` applies pending migrations."""
+    commit_lanes: int = 1
+    """How many group-commit batches may be in flight at once (a backend with a pool of
+    connections and a server doing the work can overlap them)."""
 
     @abc.abstractmethod
     async def open(self) -> None:
