@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from sagaway import NonRetryableError
+from sagaway.engine.relay import REPLY_TYPE  # the one wire format, both sides
 from sagaway.errors import InvalidPayload, SagawayError, TransportError
 from sagaway.messaging import open_transport
 from sagaway.messaging.base import (
@@ -54,7 +55,6 @@ __all__ = ["REPLY_TYPE", "Command", "CommandRejected", "Participant"]
 
 log = logging.getLogger("sagaway.participant")
 
-REPLY_TYPE = "sagaway.reply"
 """The ``type`` of the envelopes a participant answers commands with."""
 MAX_ERROR_CHARS = 2000
 
