@@ -22,17 +22,15 @@ from sagaway.admin.schemas import (
     StepSummary,
     TimelineEntry,
 )
+from sagaway.engine.decider import OPERATOR_ALLOWED
 
 __all__ = ["ALLOWED", "detail", "iso", "summary"]
 
 ALLOWED: Mapping[Action, tuple[SagaStatus, ...]] = {
-    "retry": (SagaStatus.FAILED,),
-    "resume": (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING),
-    "compensate": (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.FAILED),
-    "resolve": (SagaStatus.FAILED,),
+    action: OPERATOR_ALLOWED[action] for action in ("retry", "resume", "compensate", "resolve")
 }
-"""Which statuses each action applies to: a hint for clients (which buttons to show). The
-orchestrator decides; tests/admin check this table against the engine's."""
+"""Which statuses each action applies to: a hint for clients (which buttons to show, in
+this order). The engine's own table; the orchestrator decides."""
 
 _ACTIVE = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
 _ENDINGS = {"succeeded": "succeeded", "failed": "failed", "interrupted": "interrupted"}

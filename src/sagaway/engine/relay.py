@@ -24,6 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sagaway.engine.state import (
+    ActionFailed,
+    ActionSucceeded,
+    CompensationFailed,
+    CompensationSucceeded,
+    Event,
+)
 from sagaway.errors import MalformedEnvelope, SagawayError, StoreError, TransportError
 from sagaway.messaging.base import Transport
 from sagaway.messaging.envelope import Envelope
@@ -75,6 +82,18 @@ class Reply:
     result: Any = None
     error: str | None = None
     retryable: bool = False
+
+    def event(self, now: float) -> Event:
+        """The decider event this reply is for its run."""
+        if self.compensation:
+            if self.ok:
+                return CompensationSucceeded(self.step, self.attempt, now)
+            return CompensationFailed(self.step, self.attempt, self.error or "", now,
+                                      retryable=self.retryable)
+        if self.ok:
+            return ActionSucceeded(self.step, self.attempt, self.result, now)
+        return ActionFailed(self.step, self.attempt, self.error or "", now,
+                            retryable=self.retryable)
 
 
 def parse_reply(envelope: Envelope) -> Reply:

@@ -827,16 +827,7 @@ class Orchestrator:
     async def _on_reply(self, delivery: Delivery) -> None:
         """A participant answered: wake the run with the answer as its next event."""
         reply = parse_reply(delivery.envelope)
-        now = self.clock.now()
-        event: Event
-        if reply.compensation:
-            event = (CompensationSucceeded(reply.step, reply.attempt, now) if reply.ok else
-                     CompensationFailed(reply.step, reply.attempt, reply.error or "", now,
-                                        retryable=reply.retryable))
-        else:
-            event = (ActionSucceeded(reply.step, reply.attempt, reply.result, now) if reply.ok
-                     else ActionFailed(reply.step, reply.attempt, reply.error or "", now,
-                                       retryable=reply.retryable))
+        event = reply.event(self.clock.now())
         # The run may be held for a moment (it is parking, or a worker drives a sibling
         # step): keep the reply and try again until a lease could have run out, rather than
         # handing it back and burning its deliveries.

@@ -124,8 +124,10 @@ class NatsTransport(Transport):
         # connect_timeout: the client itself would retry that forever too.
         nc = nats.aio.client.Client()
         try:
-            await asyncio.wait_for(
-                nc.connect(
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # (the engine's poll loop hung on it).
+            async with asyncio.timeout(self.connect_timeout):
+                await nc.connect(
                     self.url,
                     name="sagaway",
                     connect_timeout=self.connect_timeout,
@@ -135,9 +137,7 @@ class NatsTransport(Transport):
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
-                ),
-                self.connect_timeout,
-            )
+                )
             js = nc.jetstream(timeout=self.publish_timeout)
             await js.account_info()
         except _ERRORS as exc:

@@ -131,10 +131,9 @@ class RedisTransport(Transport):
 
     async def _publish(self, destination: str, body: bytes, *, message_id: str | None) -> None:
         try:
-            await asyncio.wait_for(
-                self.client.xadd(self.key(destination), {"body": body, "id": message_id or ""}),
-                self.publish_timeout,
-            )
+            async with asyncio.timeout(self.publish_timeout):  # not wait_for: see nats.py
+                await self.client.xadd(self.key(destination),
+                                       {"body": body, "id": message_id or ""})
         except _ERRORS as exc:
             raise self._fail(f"publishing to {destination!r}", exc) from None
 
