@@ -7,7 +7,7 @@ from sagaway.definition.retry import RetryPolicy
 from sagaway.definition.saga import Saga, Step, StepContext, StepKind
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.decider import OPERATOR_ALLOWED
-from sagaway.engine.listener import Listener, Transition
+from sagaway.engine.listener import Invocation, Listener, Transition
 from sagaway.engine.runtime import NonRetryableError, Orchestrator, RunHandle
 from sagaway.errors import (
     DefinitionError,
@@ -40,6 +40,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as tests/unit/test_public_api.py p
     "IdempotencyConflict",
     "InvalidPayload",
     "InvalidTransition",
+    "Invocation",
     "LeaseLost",
     "Listener",
     "MalformedEnvelope",

@@ -11,7 +11,7 @@ from typing import Any
 
 from integration_helpers import eventually, kinds
 
-from sagaway import Orchestrator, RetryPolicy, Saga, SagaStatus, Store
+from sagaway import Invocation, Listener, Orchestrator, RetryPolicy, Saga, SagaStatus, Store
 from sagaway.engine.relay import REPLY_TYPE
 from sagaway.messaging import Delivery, Envelope
 from sagaway.messaging.memory import MemoryTransport
@@ -254,3 +254,44 @@ def test_messages_without_a_transport_are_a_definition_error() -> None:
         Orchestrator("memory://", sagas=[order_saga()])
     # A client never sends them: it only records runs.
     Orchestrator("memory://", sagas=[order_saga()], worker=False)
+
+
+class TraceHeaders(Listener):
+    """Hands every attempt a header naming it, as a tracing listener would."""
+
+    def __init__(self) -> None:
+        self.invocations: list[Invocation] = []
+
+    def on_invoke(self, invocation: Invocation) -> dict[str, str]:
+        self.invocations.append(invocation)
+        kind = "c" if invocation.compensating else "a"
+        return {"traceparent": f"{invocation.step}-{kind}{invocation.attempt}"}
+
+
+async def test_listener_headers_ride_on_commands_and_reach_local_steps(store_url: str) -> None:
+    transport = MemoryTransport()
+    seen: list[dict[str, str]] = []
+    saga = order_saga()
+
+    @saga.step(retriable=True)
+    async def notify(ctx: Any, data: Any) -> None:
+        seen.append(dict(ctx.headers))
+
+    tracer = TraceHeaders()
+    async with Orchestrator(store_url, sagas=[saga], transport=transport, poll_interval=0.05,
+                            listeners=[tracer]) as orch:
+        inventory, _shipping = await services(transport)
+        envelopes: list[Envelope] = []
+        answer = inventory.answer
+
+        def record(env: Envelope) -> dict[str, Any] | None:
+            envelopes.append(env)
+            return answer(env)
+
+        inventory.answer = record
+        done = await (await orch.start("order", {"sku": "A-1"})).wait(timeout=10)
+    assert done.status is SagaStatus.COMPLETED
+    assert [e.headers.get("traceparent") for e in envelopes] == ["reserve-a1"]
+    assert seen == [{"traceparent": "notify-a1"}]
+    assert [(i.step, i.kind) for i in tracer.invocations] == [
+        ("reserve", "command"), ("charge", "local"), ("ship", "command"), ("notify", "local")]

@@ -12,6 +12,7 @@ EXPECTED_ALL = [
     "IdempotencyConflict",
     "InvalidPayload",
     "InvalidTransition",
+    "Invocation",
     "LeaseLost",
     "Listener",
     "MalformedEnvelope",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, overload
 
@@ -53,6 +53,8 @@ class StepContext:
         results: results of the steps that have already succeeded, by step name.
         input: the run's input (the same object the step receives as ``data``).
         compensating: True when this invocation is a compensation.
+        headers: headers listeners asked this attempt to carry (e.g. ``traceparent``), for a
+            step that calls other services itself.
     """
 
     run_id: str
@@ -63,6 +65,7 @@ class StepContext:
     results: Mapping[str, Any]
     input: Any = None
     compensating: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def idempotency_key(run_id: str, step: str, *, compensation: bool) -> str:

@@ -7,11 +7,13 @@ a metrics or tracing library. A listener that raises is logged and otherwise ign
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from sagaway.run import HistoryEntry, SagaStatus
 
-__all__ = ["Listener", "Transition"]
+__all__ = ["Invocation", "Listener", "Transition"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,19 @@ class Transition:
     """How many transitions of this run this worker has committed (1 = its first)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One attempt of a step's action or compensation, about to be carried out."""
+
+    run_id: str
+    saga: str
+    step: str
+    attempt: int
+    compensating: bool
+    kind: Literal["local", "http", "command"]
+    """How it is carried out: a function in this process, an HTTP call, or a message."""
+
+
 class Listener:
     """Subclass and override what you need; every hook is optional."""
 
@@ -35,3 +50,14 @@ class Listener:
 
     def on_lease_lost(self, run_id: str) -> None:
         """Another worker took over a run this worker was driving."""
+
+    def on_invoke(self, invocation: Invocation) -> Mapping[str, str] | None:
+        """An attempt is about to be carried out; return headers it should carry.
+
+        Called right before a local step runs, before an HTTP step's request is sent, and
+        when a command step's message is written to the outbox (before that commit). The
+        returned headers (e.g. W3C ``traceparent``) from every listener are merged and sent
+        with the HTTP request or in the command envelope's headers, and are visible to local
+        steps as ``ctx.headers``. Return ``None`` (the default) to add nothing.
+        """
+        return None

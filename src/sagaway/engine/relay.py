@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,12 @@ REPLY_TYPE = "sagaway.reply"
 
 
 def command_message(*, run_id: str, step: str, key: str, attempt: int, service: str,
-                    command: str, payload: Any, reply_to: str) -> OutboxMessage:
+                    command: str, payload: Any, reply_to: str,
+                    headers: Mapping[str, str] | None = None) -> OutboxMessage:
     """The outbox row for one attempt of a command step (or of its compensation)."""
     envelope = Envelope(
         type=command,
+        headers=dict(headers or {}),
         payload=payload,
         run_id=run_id,
         step=step,

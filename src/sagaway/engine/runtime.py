@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,7 @@ from sagaway.definition.saga import Saga, StepContext, idempotency_key
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.committer import GroupCommitter
 from sagaway.engine.decider import OPERATOR_ALLOWED, decide
-from sagaway.engine.listener import Listener, Transition
+from sagaway.engine.listener import Invocation, Listener, Transition
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
 from sagaway.engine.relay import OutboxRelay, command_message, domain_event, parse_reply
 from sagaway.engine.state import (
@@ -795,13 +795,29 @@ class Orchestrator:
             compensating = isinstance(cmd, InvokeCompensation)
             target = step.compensation_fn if compensating else step.action
             assert isinstance(target, CommandSpec)
+            headers = self._headers_for(Invocation(run_id, saga.name, step.name, cmd.attempt,
+                                                   compensating, "command"))
             out.append(command_message(
                 run_id=run_id, step=step.name, attempt=cmd.attempt,
                 key=idempotency_key(run_id, step.name, compensation=compensating),
                 service=target.service, command=target.name, payload=data,
-                reply_to=self.reply_to,
+                reply_to=self.reply_to, headers=headers,
             ))
         return out
+
+    def _headers_for(self, invocation: Invocation) -> dict[str, str]:
+        """The headers listeners want this attempt to carry (trace context, mostly)."""
+        headers: dict[str, str] = {}
+        for listener in self.listeners:
+            try:
+                extra: Mapping[str, str] | None = listener.on_invoke(invocation)
+            except Exception:
+                log.exception("listener %r failed on invoke of %s/%s", listener,
+                              invocation.run_id, invocation.step)
+                continue
+            if extra:
+                headers.update(extra)
+        return headers
 
     def _parks(self, saga: Saga, state: RunState, commands: Iterable[Command], *,
                busy: bool) -> bool:
@@ -924,6 +940,9 @@ class Orchestrator:
 
     def _context(self, d: _Driver, step: str, attempt: int, *, compensating: bool
                  ) -> StepContext:
+        headers = (self._headers_for(Invocation(d.run_id, d.saga.name, step, attempt,
+                                                compensating, "local"))
+                   if self.listeners else {})
         return StepContext(
             run_id=d.run_id,
             saga=d.saga.name,
@@ -933,6 +952,7 @@ class Orchestrator:
             results=d.state.results,
             input=d.input,
             compensating=compensating,
+            headers=headers,
         )
 
     async def _call_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any
