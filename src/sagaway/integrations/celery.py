@@ -193,6 +193,13 @@ def _call_payload(ref: _TaskRef, args: Sequence[Any], kwargs: Mapping[str, Any],
             "options": {**ref.options, **options}}
 
 
+def _unbuildable(step: str, exc: Exception) -> dict[str, Any]:
+    # Called while a transition is being written, so it must not raise: the transport
+    # answers the attempt with this failure instead of sending a task.
+    return {_MARKER: 1, "error": f"celery step {step!r}: its task call could not be built "
+                                 f"from the run's input and results: {_describe(exc)}"}
+
+
 def _as_args(value: Any, step: str) -> list[Any]:
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
         raise InvalidPayload(f"celery step {step!r}: args must return a list or tuple, got "
@@ -292,7 +299,10 @@ def _declare(saga: Saga, name: str, action_ref: _TaskRef, comp_ref: _TaskRef | N
              compensation_retry: RetryPolicy | None, pivot: bool, retriable: bool,
              read_only: bool) -> Step:
     def action_payload(data: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-        positional, named = action_call(data, results)
+        try:
+            positional, named = action_call(data, results)
+        except Exception as exc:
+            return _unbuildable(name, exc)
         return _call_payload(action_ref, positional, named, options)
 
     declare = saga.step(name=name, retry=retry, timeout=timeout, pivot=pivot,
@@ -302,7 +312,10 @@ def _declare(saga: Saga, name: str, action_ref: _TaskRef, comp_ref: _TaskRef | N
         ref = comp_ref
 
         def compensation_payload(data: Any, results: Mapping[str, Any]) -> dict[str, Any]:
-            positional, named = action_call(data, results)
+            try:
+                positional, named = action_call(data, results)
+            except Exception as exc:
+                return _unbuildable(name, exc)
             extra_args = list(ref.args) if not ref.immutable else []
             return _call_payload(ref, [results.get(name), *positional, *extra_args],
                                  {**named, **ref.kwargs}, options)
@@ -438,7 +451,7 @@ def celery_task_message(envelope: Envelope, *, origin: str | None = None
     """The Celery protocol-2 message (headers, properties, body) a command envelope is, or
     ``None`` when it is not a Celery call (not written by :func:`celery_step`)."""
     payload = envelope.payload
-    if not isinstance(payload, dict) or payload.get(_MARKER) != 1:
+    if not isinstance(payload, dict) or payload.get(_MARKER) != 1 or "error" in payload:
         return None
     key = envelope.idempotency_key
     correlation = envelope.correlation_id
@@ -491,6 +504,11 @@ def celery_task_message(envelope: Envelope, *, origin: str | None = None
                                       "chord": None}],
                       separators=(",", ":"), ensure_ascii=False).encode()
     return headers, properties, body
+
+
+def _is_unbuildable(envelope: Envelope) -> bool:
+    payload = envelope.payload
+    return isinstance(payload, dict) and payload.get(_MARKER) == 1 and "error" in payload
 
 
 class CeleryTransport(Transport):
@@ -549,7 +567,7 @@ class CeleryTransport(Transport):
             )
             self._channel = await self._connection.channel(publisher_confirms=True,
                                                            on_return_raises=True)
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             if self._connection is not None:
                 with contextlib.suppress(Exception):
                     await self._connection.close()
@@ -565,11 +583,22 @@ class CeleryTransport(Transport):
 
     async def _publish(self, destination: str, body: bytes, *, message_id: str | None) -> None:
         try:
-            envelope = Envelope.from_bytes(body, max_bytes=None)
-            message = celery_task_message(envelope, origin=self._origin)
+            envelope: Envelope | None = Envelope.from_bytes(body, max_bytes=None)
         except MalformedEnvelope:
-            message = None
-        if message is None:
+            envelope = None
+        message = None
+        if envelope is not None:
+            message = celery_task_message(envelope, origin=self._origin)
+        if envelope is None or message is None:
+            if envelope is not None and _is_unbuildable(envelope) and envelope.reply_to:
+                # Answer the attempt ourselves: a clear failure, nothing sent, not applied.
+                reply = Envelope(type=REPLY_TYPE, run_id=envelope.run_id, step=envelope.step,
+                                 idempotency_key=envelope.idempotency_key,
+                                 correlation_id=envelope.correlation_id,
+                                 payload={"ok": False, "retryable": False,
+                                          "error": envelope.payload["error"]})
+                await self.inner.publish(envelope.reply_to, reply)
+                return
             await self.inner.publish_raw(destination, body, message_id=message_id)
             return
         import aio_pika
@@ -593,7 +622,7 @@ class CeleryTransport(Transport):
             raise self._fail(
                 f"publishing task {envelope.type!r} to queue {destination!r} (no such queue: "
                 f"start a Celery worker with -Q {destination}, it declares it)", exc) from None
-        except (*aio_pika.exceptions.CONNECTION_EXCEPTIONS, asyncio.TimeoutError) as exc:
+        except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             raise self._fail(f"publishing task {envelope.type!r} to {destination!r}",
                              exc) from None
         self.published_tasks += 1
@@ -799,6 +828,9 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
 
     acks_late = True
     reject_on_worker_lost = True
+    # Celery checks a call's arguments against the function when it sends one; a retry
+    # re-sends the saga's ``_sagaway`` keyword, which the function does not take.
+    typing = False
     saga_db: str | None = None
     saga_non_retryable: tuple[type[BaseException], ...] = ()
     saga_reply_retries = 10
