@@ -12,7 +12,8 @@ The order (the run's input, or the previous task's result in a chain) steers the
 makes ``pay`` write its row, touch ``<ledger>.<step>.started`` and sleep until killed
 (only the first time: a redelivery goes straight through); ``{"retries": {"pay": 2}}``
 makes ``pay`` call ``self.retry`` twice before it succeeds; ``{"soft": "pay"}`` makes it
-overrun its soft time limit.
+overrun its soft time limit. ``SHOP_KILL_BEFORE_REPLY=pay`` in the worker's environment
+SIGKILLs the worker once, after ``pay`` committed and before its reply is published.
 """
 
 from __future__ import annotations
@@ -63,6 +64,31 @@ def _steer(task: str, order: Any) -> None:
             time.sleep(60)  # the test SIGKILLs the worker here
     if order.get("soft") == task:
         time.sleep(5)  # past the soft time limit the test sets
+
+
+def _kill_before_reply(step: str) -> None:
+    """Test hook: SIGKILL this worker (parent and children) right before the first reply of
+    ``step``'s action is published — after the task's transaction committed."""
+    import json
+    import signal
+
+    from sagaway.integrations import celery as integration
+
+    send = integration._replies.send
+
+    def send_or_die(app: Any, destination: str, message_id: str, body: bytes) -> None:
+        correlation = json.loads(body).get("correlation_id", "")
+        marker = Path(f"{LEDGER}.killed-before-reply")
+        if f":{step}:action:" in correlation and not marker.exists():
+            marker.write_text(correlation)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        send(app, destination, message_id, body)
+
+    integration._replies.send = send_or_die  # type: ignore[method-assign]
+
+
+if os.environ.get("SHOP_KILL_BEFORE_REPLY"):
+    _kill_before_reply(os.environ["SHOP_KILL_BEFORE_REPLY"])
 
 
 @saga_task(app, name="shop.reserve", db=DB)

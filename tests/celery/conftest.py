@@ -95,8 +95,10 @@ class Worker:
     """One ``celery worker`` process (prefork, one child) on one queue."""
 
     def __init__(self, *, broker: str, ledger: Path, queue: str, name: str,
-                 log_dir: Path, concurrency: int = 1) -> None:
+                 log_dir: Path, concurrency: int = 1, env: dict[str, str] | None = None
+                 ) -> None:
         self.broker, self.ledger, self.queue, self.name = broker, ledger, queue, name
+        self.env = env or {}
         self.log = log_dir / f"{name}.log"
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
@@ -105,6 +107,7 @@ class Worker:
         env = dict(os.environ)
         env["SHOP_BROKER"] = self.broker
         env["SHOP_LEDGER"] = str(self.ledger)
+        env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(HERE), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
         offset = self.log.stat().st_size if self.log.exists() else 0
@@ -161,9 +164,9 @@ def workers(amqp_url: str, names: Names, tmp_path: Path) -> Iterator[list[Worker
 
 
 def new_worker(started: list[Worker], *, broker: str, names: Names, tmp_path: Path,
-               name: str) -> Worker:
+               name: str, env: dict[str, str] | None = None) -> Worker:
     w = Worker(broker=broker, ledger=tmp_path / "shop.db", queue=names.queue, name=name,
-               log_dir=tmp_path)
+               log_dir=tmp_path, env=env)
     started.append(w)
     return w
 
