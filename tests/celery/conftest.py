@@ -95,10 +95,11 @@ class Worker:
     """One ``celery worker`` process (prefork, one child) on one queue."""
 
     def __init__(self, *, broker: str, ledger: Path, queue: str, name: str,
-                 log_dir: Path, concurrency: int = 1, env: dict[str, str] | None = None
-                 ) -> None:
+                 log_dir: Path, concurrency: int = 1, env: dict[str, str] | None = None,
+                 app: str = "celery_shop", path: Path = HERE) -> None:
         self.broker, self.ledger, self.queue, self.name = broker, ledger, queue, name
         self.env = env or {}
+        self.app, self.path = app, path
         self.log = log_dir / f"{name}.log"
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
@@ -109,15 +110,16 @@ class Worker:
         env["SHOP_LEDGER"] = str(self.ledger)
         env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(HERE), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+            [str(self.path), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
         offset = self.log.stat().st_size if self.log.exists() else 0
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_shop", "worker", "-Q", self.queue,
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "-Q", self.queue,
              "-n", f"{self.name}-{uuid.uuid4().hex[:6]}@%h", "-P", "prefork",
              "--concurrency", str(self.concurrency), "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-l", "INFO"],
-            cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.log.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         out.close()
         deadline = time.monotonic() + timeout

@@ -246,7 +246,8 @@ async def test_worker_killed_after_commit_before_its_reply(amqp_url: str, names:
         run = await handle.wait(timeout=60)
 
     assert run.status is SagaStatus.COMPLETED, run.error
-    marker = Path(f"{tmp_path / 'shop.db'}.killed-before-reply").read_text()
+    marker = await asyncio.to_thread(
+        Path(f"{tmp_path / 'shop.db'}.killed-before-reply").read_text)
     assert marker == f"{run.id}:pay:action:1"
     ledger = effects(tmp_path / "shop.db")
     assert ledger[(f"{run.id}:pay:action", "pay")] == 1

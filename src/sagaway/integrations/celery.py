@@ -901,90 +901,103 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
     def _run_with_inbox(self, call: _Call, inbox: _Inbox, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> Any:
         conn = inbox.connection()
-        conn.execute("BEGIN IMMEDIATE")
-        committed = False
         try:
-            row = conn.execute("SELECT reply FROM sagaway_inbox WHERE idempotency_key = ?",
-                               (call.key,)).fetchone()
-            if row is not None:  # done before: answer the same again
-                conn.execute("COMMIT")
-                committed = True
-                recorded = json.loads(row[0])
-                self._send(call, recorded, recorded=True)
-                return recorded.get("result")
-            applied = None
-            if call.compensation:
-                action_key = call.key.removesuffix(":compensation") + ":action"
-                action = conn.execute(
-                    "SELECT reply FROM sagaway_inbox WHERE idempotency_key = ?", (action_key,)
-                ).fetchone()
-                if action is None:
-                    # Fence: an action delivered after its compensation is never applied.
-                    conn.execute("INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
-                                 (action_key, json.dumps(_FENCED_ACTION), time.time()))
-                    applied = False
-                else:
-                    done = json.loads(action[0])
-                    applied = bool(done.get("ok"))
-                    if applied and args and args[0] is None:
-                        # The orchestrator never heard the result; the inbox did.
-                        args = (done.get("result"), *args[1:])
-            conn.execute("SAVEPOINT sagaway_task")
-            token = _current.set(TaskContext(call.run_id, call.step, call.key, call.attempt,
-                                             call.compensation, conn, applied, call.headers))
-            try:
-                result = super().__call__(*args, **kwargs)
-            finally:
-                _current.reset(token)
-            try:
-                reply: dict[str, Any] = {"ok": True, "result": _plain(result)}
-            except InvalidPayload as exc:
-                reply = {"ok": False, "error": str(exc), "retryable": False}
-                conn.execute("ROLLBACK TO sagaway_task")
-            self._record(conn, call.key, reply)
-            committed = True
+            recorded, args, applied = self._claim(conn, call, args)
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            # The inbox is unusable for now (locked past busy_timeout, disk): run again later.
+            raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                             ) from exc
+        if recorded is not None:  # done before: answer the same again, do not run
+            self._send(call, recorded, recorded=True)
+            return recorded.get("result")
+        token = _current.set(TaskContext(call.run_id, call.step, call.key, call.attempt,
+                                         call.compensation, conn, applied, call.headers))
+        try:
+            result = super().__call__(*args, **kwargs)
         except Retry:
+            _rollback(conn)
             raise
         except SoftTimeLimitExceeded as exc:
             _rollback(conn)
             self._send(call, {"ok": False, "error": _describe(exc), "retryable": True,
                               "maybe_applied": True}, recorded=False)
             raise
-        except sqlite3.Error as exc:
-            if committed:
-                raise
-            _rollback(conn)
-            # The inbox itself failed (locked past busy_timeout, disk): run again later.
-            raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
-                             ) from exc
         except Exception as exc:
-            if committed:
-                raise
-            if self._business_no(exc) and conn.in_transaction:
-                conn.execute("ROLLBACK TO sagaway_task")
+            if self._business_no(exc):
+                # A business "no": its writes undone, the answer recorded for every retry.
                 failure = {"ok": False, "error": _describe(exc), "retryable": False}
-                self._record(conn, call.key, failure)
+                self._commit(conn, call, failure, undo=True)
                 self._send(call, failure, recorded=True)
                 raise
-            _rollback(conn)
+            _rollback(conn)  # not recorded: the next attempt runs the task again
             self._send(call, {"ok": False, "error": _describe(exc), "retryable": True},
                        recorded=False)
             raise
+        except BaseException:
+            _rollback(conn)
+            raise
         finally:
-            if not committed:
-                _rollback(conn)
+            _current.reset(token)
+        undo = False
+        try:
+            reply: dict[str, Any] = {"ok": True, "result": _plain(result)}
+        except InvalidPayload as exc:
+            reply, undo = {"ok": False, "error": str(exc), "retryable": False}, True
+        self._commit(conn, call, reply, undo=undo)
         self._send(call, reply, recorded=True)
         return result
 
     @staticmethod
-    def _record(conn: sqlite3.Connection, key: str, reply: Mapping[str, Any]) -> None:
+    def _claim(conn: sqlite3.Connection, call: _Call, args: tuple[Any, ...]
+               ) -> tuple[dict[str, Any] | None, tuple[Any, ...], bool | None]:
+        """Begin and lock; the recorded reply, or the arguments and ``action_applied``."""
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute("SELECT reply FROM sagaway_inbox WHERE idempotency_key = ?",
+                           (call.key,)).fetchone()
+        if row is not None:
+            conn.execute("COMMIT")
+            recorded: dict[str, Any] = json.loads(row[0])
+            return recorded, args, None
+        applied = None
+        if call.compensation:
+            action_key = call.key.removesuffix(":compensation") + ":action"
+            action = conn.execute("SELECT reply FROM sagaway_inbox WHERE idempotency_key = ?",
+                                  (action_key,)).fetchone()
+            if action is None:
+                # Fence: an action delivered after its compensation is never applied.
+                conn.execute("INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
+                             (action_key, json.dumps(_FENCED_ACTION), time.time()))
+                applied = False
+            else:
+                done = json.loads(action[0])
+                applied = bool(done.get("ok"))
+                if applied and args and args[0] is None:
+                    # The orchestrator never heard the action's result; the inbox did.
+                    args = (done.get("result"), *args[1:])
+        conn.execute("SAVEPOINT sagaway_task")
+        return None, args, applied
+
+    def _commit(self, conn: sqlite3.Connection, call: _Call, reply: Mapping[str, Any], *,
+                undo: bool) -> None:
+        """Record ``reply`` for the key and commit (after undoing the task's writes)."""
         if not conn.in_transaction:
-            raise CeleryIntegrationError(
-                "the task ended its inbox transaction (COMMIT or ROLLBACK on "
-                "saga_context().db); leave committing to sagaway")
-        conn.execute("INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
-                     (key, json.dumps(reply, separators=(",", ":")), time.time()))
-        conn.execute("COMMIT")
+            error = ("the task ended its inbox transaction (COMMIT or ROLLBACK on "
+                     "saga_context().db), so its changes were not recorded with its key; "
+                     "leave committing to sagaway")
+            self._send(call, {"ok": False, "error": error, "retryable": False,
+                              "maybe_applied": True}, recorded=False)
+            raise CeleryIntegrationError(error)
+        try:
+            if undo:
+                conn.execute("ROLLBACK TO sagaway_task")
+            conn.execute("INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
+                         (call.key, json.dumps(reply, separators=(",", ":")), time.time()))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                             ) from exc
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
