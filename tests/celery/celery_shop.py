@@ -12,7 +12,8 @@ The order (the run's input, or the previous task's result in a chain) steers the
 makes ``pay`` write its row, touch ``<ledger>.<step>.started`` and sleep until killed
 (only the first time: a redelivery goes straight through); ``{"retries": {"pay": 2}}``
 makes ``pay`` call ``self.retry`` twice before it succeeds; ``{"soft": "pay"}`` makes it
-overrun its soft time limit. ``SHOP_KILL_BEFORE_REPLY=pay`` in the worker's environment
+overrun its soft time limit; ``{"ignore": "pay"}`` makes it raise Celery's ``Ignore`` (no
+reply ever comes). ``SHOP_KILL_BEFORE_REPLY=pay`` in the worker's environment
 SIGKILLs the worker once, after ``pay`` committed and before its reply is published.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Ignore
 
 from sagaway import NonRetryableError
 from sagaway.integrations.celery import saga_context, saga_task
@@ -64,6 +66,8 @@ def _steer(task: str, order: Any) -> None:
             time.sleep(60)  # the test SIGKILLs the worker here
     if order.get("soft") == task:
         time.sleep(5)  # past the soft time limit the test sets
+    if order.get("ignore") == task:
+        raise Ignore()  # no outcome: only the step's deadline can decide
 
 
 def _kill_before_reply(step: str) -> None:

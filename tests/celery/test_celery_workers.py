@@ -59,17 +59,25 @@ def keys(run: SagaRun, *steps: str, compensation: bool = False) -> list[str]:
 
 async def test_success_and_every_failure_point(amqp_url: str, names: Names, tmp_path: Path,
                                                workers: list[Worker]) -> None:
-    """One worker; a run that completes, and a run that fails at each step and compensates
-    exactly the steps before it (each effect and each compensation once)."""
+    """One worker; a run that completes, a run that fails at each step and compensates
+    exactly the steps before it (each effect and each compensation once), and a run whose
+    task never answers, decided by the step's deadline."""
     w = new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name="w1")
     await asyncio.to_thread(w.start)
     order = step_saga(names.queue)
-    async with orchestrator(tmp_path, amqp_url, names, [order]) as orch:
+    lost = Saga("celery_lost")
+    celery_step(lost, "reserve", task="shop.reserve", compensation="shop.release",
+                queue=names.queue, timeout=TIMEOUT)
+    celery_step(lost, "pay", task="shop.pay", compensation="shop.refund", queue=names.queue,
+                timeout=2.0, retry=RetryPolicy(max_attempts=2, initial_backoff=0.1))
+    async with orchestrator(tmp_path, amqp_url, names, [order, lost]) as orch:
+        silent = await orch.start("celery_lost", {"id": "silent", "ignore": "pay"})
         ok = await orch.start("celery_order", {"id": "ok"})
         failing = {step: await orch.start("celery_order", {"id": f"f-{step}", "fail": step})
                    for step in ("reserve", "pay", "ship")}
         done = await ok.wait(timeout=60)
         runs = {step: await h.wait(timeout=60) for step, h in failing.items()}
+        unanswered = await silent.wait(timeout=60)
 
     assert done.status is SagaStatus.COMPLETED, done.error
     assert done.results["ship"]["shipment"] == "s-ok"
@@ -91,6 +99,15 @@ async def test_success_and_every_failure_point(amqp_url: str, names: Names, tmp_
             want = 1 if earlier in expected[step] else 0
             assert (action, comp) == (want, want), (step, earlier, action, comp)
         assert ledger[(f"{run.id}:{step}:action", step)] == 0
+    # A task that never answers (Celery's Ignore): each attempt times out at the step's
+    # deadline, possibly applied; after the retry, pay is refunded (result unknown) and
+    # reserve released.
+    assert unanswered.status is SagaStatus.COMPENSATED, unanswered.error
+    timeouts = [e for e in unanswered.history if e.kind == "step.failed" and e.step == "pay"]
+    assert [e.attempt for e in timeouts] == [1, 2]
+    assert all(e.data.get("maybe_applied") for e in timeouts)
+    assert ledger[(f"{unanswered.id}:pay:compensation", "refund")] == 1
+    assert ledger[(f"{unanswered.id}:reserve:compensation", "release")] == 1
     # Every row of the ledger is accounted for: nothing ran twice, nothing else ran.
     assert all(n == 1 for n in ledger.values()), ledger
 

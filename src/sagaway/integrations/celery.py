@@ -39,7 +39,8 @@ child is killed for a hard time limit. The mapping:
 
 * the task returns → ``{"ok": true, "result": …}``;
 * ``self.retry()`` (or ``autoretry_for``) → no reply: Celery sends the retry, and only the
-  final outcome is answered;
+  final outcome is answered; ``Ignore`` and ``Reject`` send none either (the step's
+  deadline then decides);
 * :class:`~sagaway.NonRetryableError` (or an exception in ``non_retryable``) → a failure
   the step does not retry; any other exception (``MaxRetriesExceededError`` included) → a
   retryable failure, which the step's retry policy retries with the same idempotency key;
@@ -97,7 +98,7 @@ from sagaway.messaging.base import Handler, Subscription, check_destination, red
 
 try:
     import celery
-    from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+    from celery.exceptions import SoftTimeLimitExceeded, TaskPredicate, TimeLimitExceeded
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the Celery integration needs celery: pip install 'sagaway[celery]'"
@@ -875,7 +876,7 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
                                          call.compensation, None, None, call.headers))
         try:
             result = super().__call__(*args, **kwargs)
-        except Retry:
+        except TaskPredicate:  # retry, Ignore, Reject: no outcome to report yet
             raise
         except SoftTimeLimitExceeded as exc:
             self._send(call, {"ok": False, "error": _describe(exc), "retryable": True,
@@ -915,7 +916,7 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
                                          call.compensation, conn, applied, call.headers))
         try:
             result = super().__call__(*args, **kwargs)
-        except Retry:
+        except TaskPredicate:  # retry, Ignore, Reject: no outcome to report yet
             _rollback(conn)
             raise
         except SoftTimeLimitExceeded as exc:
