@@ -80,7 +80,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from sagaway import NonRetryableError, Orchestrator, RunHandle, Saga, SagaRun, Step
 from sagaway.definition.retry import RetryPolicy
@@ -132,12 +132,10 @@ _FENCED_ACTION = {"ok": False, "retryable": False,
 _MAX_ERROR_CHARS = 2000
 _CHAIN_INPUT = "a saga_chain run's input is {'args': [...], 'kwargs': {...}}"
 
-T = TypeVar("T")
-
-
 class CeleryIntegrationError(SagawayError):
-    """The Celery integration is misused: a task reference it cannot read, a task function
-    asking for its saga context outside a saga call, a ``db`` URL it does not support."""
+    """The Celery integration is misused: a task asking for its saga context outside a saga
+    call, a ``db`` URL it does not support, malformed ``_sagaway`` metadata. (Bad step
+    definitions raise :class:`~sagaway.DefinitionError`.)"""
 
 
 # -- the orchestrator's side: steps -----------------------------------------------------------
@@ -1025,9 +1023,6 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
-
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def saga_task(app: Any, *, db: str | None = None,
