@@ -20,6 +20,7 @@ SIGKILLs the worker once, after ``pay`` committed and before its reply is publis
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from sagaway.integrations.celery import saga_context, saga_task
 
 BROKER = os.environ.get("SHOP_BROKER", "amqp://guest:guest@127.0.0.1:5672/")
 LEDGER = os.environ.get("SHOP_LEDGER", "/tmp/sagaway-celery-shop.db")
-DB = f"sqlite:///{LEDGER}"
+DB = os.environ.get("SHOP_DB_URL") or f"sqlite:///{LEDGER}"
+"""The inbox and the ledger: the SQLite file, or a PostgreSQL database (``SHOP_DB_URL``, the
+``effects`` table created beforehand by the test)."""
 
 app = Celery("celery_shop", broker=BROKER)
 app.conf.update(
@@ -47,11 +50,14 @@ app.conf.update(
 def _ledger(task: str, order: Any, *, extra: str = "") -> None:
     ctx = saga_context()
     assert ctx.db is not None
-    ctx.db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT, task TEXT, order_id TEXT, "
-                   "extra TEXT, at REAL)")
     order_id = order.get("id") if isinstance(order, dict) else None
-    ctx.db.execute("INSERT INTO effects VALUES (?, ?, ?, ?, ?)",
-                   (ctx.idempotency_key, task, order_id, extra, time.time()))
+    row = (ctx.idempotency_key, task, order_id, extra, time.time())
+    if isinstance(ctx.db, sqlite3.Connection):
+        ctx.db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT, task TEXT, "
+                       "order_id TEXT, extra TEXT, at REAL)")
+        ctx.db.execute("INSERT INTO effects VALUES (?, ?, ?, ?, ?)", row)
+    else:  # PostgreSQL: asyncpg's methods, run inside the inbox transaction
+        ctx.db.execute("INSERT INTO effects VALUES ($1, $2, $3, $4, $5)", *row)
 
 
 def _steer(task: str, order: Any) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -183,6 +185,43 @@ def effects(ledger: Path) -> Counter[tuple[str, str]]:
         except sqlite3.OperationalError:  # no task has written yet
             return Counter()
     return Counter((k, t) for k, t in rows)
+
+
+EFFECTS_DDL = ("CREATE TABLE IF NOT EXISTS effects (key TEXT, task TEXT, order_id TEXT, "
+               "extra TEXT, at DOUBLE PRECISION)")
+
+
+async def pg_connect(url: str) -> Any:
+    """An asyncpg connection to a ``postgres_url`` (its ``?schema=`` as the search path,
+    created if missing)."""
+    import asyncpg
+
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", None)
+    dsn = urlunsplit(parts._replace(query=urlencode(query)))
+    conn = await asyncpg.connect(dsn, timeout=10)
+    if schema:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(f"SET search_path TO {schema}")
+    return conn
+
+
+async def pg_prepare(url: str) -> None:
+    conn = await pg_connect(url)
+    try:
+        await conn.execute(EFFECTS_DDL)
+    finally:
+        await conn.close()
+
+
+async def pg_effects(url: str) -> Counter[tuple[str, str]]:
+    conn = await pg_connect(url)
+    try:
+        rows = await conn.fetch("SELECT key, task FROM effects")
+    finally:
+        await conn.close()
+    return Counter((r[0], r[1]) for r in rows)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

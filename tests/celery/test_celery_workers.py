@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FIGURES, Names, Worker, effects, new_worker
+from conftest import FIGURES, Names, Worker, effects, new_worker, pg_effects, pg_prepare
 from sagaway import Orchestrator, RetryPolicy, Saga, SagaRun, SagaStatus
 from sagaway.integrations.celery import CeleryTransport, celery_step, saga_chain
 
@@ -170,14 +170,27 @@ async def test_chain_retries_and_time_limits(amqp_url: str, names: Names, tmp_pa
     assert all(n == 1 for n in ledger.values()), ledger
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def inbox(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """Where the tasks keep their inbox and ledger: the SQLite file, or PostgreSQL."""
+    if request.param == "sqlite":
+        return "sqlite", {}
+    return "postgres", {"SHOP_DB_URL": request.getfixturevalue("postgres_url")}
+
+
 async def test_worker_sigkilled_mid_task_and_restarted(amqp_url: str, names: Names,
-                                                       tmp_path: Path,
-                                                       workers: list[Worker]) -> None:
+                                                       tmp_path: Path, workers: list[Worker],
+                                                       inbox: tuple[str, dict[str, str]]
+                                                       ) -> None:
     """The worker (parent and pool child) is SIGKILLed while ``pay`` is inside its
     transaction, its ledger row written but not committed. RabbitMQ redelivers the task
     (acks_late) to the restarted worker; the runs end COMPLETED or COMPENSATED as their
-    input says, every effect applied once."""
-    w = new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name="w1")
+    input says, every effect applied once. With the inbox in SQLite and in PostgreSQL."""
+    kind, env = inbox
+    if kind == "postgres":
+        await pg_prepare(env["SHOP_DB_URL"])
+    w = new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name="w1",
+                   env=env)
     await asyncio.to_thread(w.start)
     chain = chain_saga(names.queue)
     ledger_path = tmp_path / "shop.db"
@@ -192,13 +205,13 @@ async def test_worker_sigkilled_mid_task_and_restarted(amqp_url: str, names: Nam
                   for i in range(2, 8)]
         await asyncio.sleep(0.2)
         w.kill()
-        restarted = Worker(broker=amqp_url, ledger=ledger_path, queue=names.queue,
-                           name="w1b", log_dir=tmp_path)
-        workers.append(restarted)
+        restarted = new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path,
+                               name="w1b", env=env)
         await asyncio.to_thread(restarted.start)
         runs = [await h.wait(timeout=60) for h in (victim, *others)]
 
-    ledger = effects(ledger_path)
+    ledger = (await pg_effects(env["SHOP_DB_URL"]) if kind == "postgres"
+              else effects(ledger_path))
     assert runs[0].status is SagaStatus.COMPLETED, runs[0].error
     assert ledger[(f"{victim.id}:pay:action", "pay")] == 1
     for i, run in enumerate(runs[1:], start=2):
@@ -207,16 +220,20 @@ async def test_worker_sigkilled_mid_task_and_restarted(amqp_url: str, names: Nam
     assert all(n == 1 for n in ledger.values()), ledger
     redelivered = restarted.log.read_text()
     assert f"{victim.id}:pay:action:1" in redelivered  # the same attempt, delivered again
-    FIGURES.append(f"worker SIGKILLed mid-task: {len(runs)} runs, 0 lost, "
+    FIGURES.append(f"worker SIGKILLed mid-task ({kind} inbox): {len(runs)} runs, 0 lost, "
                    f"0 double-applied ({sum(ledger.values())} effects)")
 
 
 async def test_200_sagas_through_two_workers(amqp_url: str, names: Names, tmp_path: Path,
-                                             workers: list[Worker]) -> None:
+                                             workers: list[Worker],
+                                             inbox: tuple[str, dict[str, str]]) -> None:
     """200 sagas (3 Celery tasks each, a quarter compensating) through two worker
     processes sharing the queue: all end as their input says, each effect once."""
-    ws = [new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name=f"w{i}")
-          for i in (1, 2)]
+    kind, env = inbox
+    if kind == "postgres":
+        await pg_prepare(env["SHOP_DB_URL"])
+    ws = [new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name=f"w{i}",
+                     env=env) for i in (1, 2)]
     await asyncio.gather(*(asyncio.to_thread(w.start) for w in ws))
     order = step_saga(names.queue)
     n = 200
@@ -228,7 +245,8 @@ async def test_200_sagas_through_two_workers(amqp_url: str, names: Names, tmp_pa
         runs = await asyncio.gather(*(h.wait(timeout=120) for h in handles))
         elapsed = time.perf_counter() - began
 
-    ledger = effects(tmp_path / "shop.db")
+    ledger = (await pg_effects(env["SHOP_DB_URL"]) if kind == "postgres"
+              else effects(tmp_path / "shop.db"))
     statuses = [r.status for r in runs]
     assert statuses.count(SagaStatus.COMPENSATED) == n // 4
     assert statuses.count(SagaStatus.COMPLETED) == n - n // 4
@@ -238,9 +256,10 @@ async def test_200_sagas_through_two_workers(amqp_url: str, names: Names, tmp_pa
     served = [w.log.read_text().count(" succeeded in ") for w in ws]
     assert all(s > 0 for s in served), served  # both workers took tasks
     rate = n / elapsed
-    FIGURES.append(f"200 sagas (3 Celery tasks each) through 2 prefork workers: "
-                   f"{elapsed:.1f} s, {rate:.0f} sagas/s; tasks per worker {served}")
-    print(f"\n200 sagas through 2 celery workers: {rate:.0f} sagas/s ({elapsed:.1f} s)")
+    FIGURES.append(f"200 sagas (3 Celery tasks each) through 2 prefork workers, {kind} "
+                   f"inbox: {elapsed:.1f} s, {rate:.0f} sagas/s; tasks per worker {served}")
+    print(f"\n200 sagas through 2 celery workers ({kind} inbox): {rate:.0f} sagas/s "
+          f"({elapsed:.1f} s)")
 
 
 async def test_worker_killed_after_commit_before_its_reply(amqp_url: str, names: Names,

@@ -91,6 +91,7 @@ from sagaway.errors import (
     InvalidPayload,
     MalformedEnvelope,
     SagawayError,
+    StoreError,
     TransportError,
 )
 from sagaway.messaging import Envelope, Transport, open_transport
@@ -646,9 +647,11 @@ class TaskContext:
     """``{run_id}:{step}:action`` or ``:compensation``: the same on every attempt."""
     attempt: int
     compensating: bool
-    db: sqlite3.Connection | None
+    db: Any
     """With ``db=``: the connection, inside the transaction that records this call in the
-    inbox. Write the task's changes through it and do not commit."""
+    inbox (a ``sqlite3.Connection``, or for PostgreSQL a
+    :class:`~sagaway.participant.postgres.SyncPostgresConnection` with asyncpg's methods).
+    Write the task's changes through it and do not commit. ``None`` without ``db``."""
     action_applied: bool | None = None
     """For a compensation with ``db=``: whether the inbox recorded its action as done
     (``False``: the action never ran here, so there is nothing to undo)."""
@@ -756,19 +759,29 @@ class _Replies:
 _replies = _Replies()
 
 
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+def _open_inbox(url: str) -> _Inbox | _PostgresInbox:
+    scheme = _scheme(url)
+    if scheme == "sqlite":
+        return _Inbox(url)
+    if scheme in ("postgresql", "postgres"):
+        return _PostgresInbox(url)
+    raise CeleryIntegrationError(
+        f"saga_task db must be a sqlite:///path.db or postgresql://… URL, got "
+        f"{url.split('://', 1)[0]}://…; without db, make the task idempotent by "
+        f"saga_context().idempotency_key"
+    )
+
+
 class _Inbox:
     """The task's SQLite database: the ``sagaway_inbox`` table and the task's own tables."""
 
     def __init__(self, url: str, busy_timeout: float = 30.0) -> None:
         from sagaway.participant import SQLiteDatabase
 
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme != "sqlite":
-            raise CeleryIntegrationError(
-                f"saga_task db must be a sqlite:/// URL (the inbox runs in the task's own "
-                f"thread), got {url.split('://', 1)[0]}://…; without db, make the task "
-                f"idempotent by saga_context().idempotency_key"
-            )
         self.url = url
         self.path = SQLiteDatabase.from_url(url).path
         self.busy_timeout = busy_timeout
@@ -793,6 +806,85 @@ class _Inbox:
             self._conn = connect(self.path, synchronous="FULL", busy_timeout=self.busy_timeout)
             self._pid = os.getpid()
         return self._conn
+
+
+class _PostgresInbox:
+    """The task's PostgreSQL database, through :class:`sagaway.participant.PostgresDatabase`
+    (its inbox, its outbox for replies, asyncpg) on an event loop of this process's own.
+
+    The task keeps running on Celery's thread (so ``self.request``, ``self.retry`` and soft
+    time limits behave as usual); its statements and the inbox's run on that loop, each
+    call waiting for its result (``saga_context().db`` is a
+    :class:`~sagaway.participant.postgres.SyncPostgresConnection`). Replies are recorded in
+    the participant outbox in the task's transaction and published from there, so a reply
+    lost to a crash is published by the next task (or the redelivered one).
+    """
+
+    def __init__(self, url: str) -> None:
+        try:
+            from sagaway.participant.postgres import PostgresDatabase
+        except ImportError as exc:
+            raise CeleryIntegrationError(
+                f"a postgresql:// db needs asyncpg: pip install 'sagaway[postgres]' ({exc})"
+            ) from None
+        self.url = url
+        self._factory = PostgresDatabase
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.db: Any = None
+        self._since_purge = 0
+
+    def run(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        """Run a coroutine on this process's loop and wait for it."""
+        if self._pid != os.getpid() or self._loop is None:
+            self._start()
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _start(self) -> None:
+        # A fresh loop and pool in every process: a forked child must not share its
+        # parent's connections.
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="sagaway-celery-inbox",
+                         daemon=True).start()
+        self._loop, self._pid = loop, os.getpid()
+        db = self._factory(self.url, min_size=1, max_size=2)
+        asyncio.run_coroutine_threadsafe(db.open(), loop).result(60)
+        self.db = db
+
+    def transaction(self) -> Any:
+        """The participant database's transaction scope (an async context manager)."""
+        if self._pid != os.getpid() or self._loop is None:
+            self._start()
+        return self.db.transaction()
+
+    def sync_connection(self, conn: Any) -> Any:
+        from sagaway.participant.postgres import SyncPostgresConnection
+
+        return SyncPostgresConnection(conn, self._loop)  # type: ignore[arg-type]
+
+    def flush(self, app: Any) -> None:
+        """Publish the replies waiting in the outbox (raise if the broker would not)."""
+        loop = self._loop
+        assert loop is not None
+
+        async def send(rows: Sequence[Any]) -> list[int]:
+            sent = []
+            for row in rows:
+                await loop.run_in_executor(None, _replies.send, app, row.destination,
+                                           f"outbox-{row.id}", row.body.encode())
+                sent.append(row.id)
+            return sent
+
+        async def flush() -> None:
+            while await self.db.flush_outbox(send, limit=100) >= 100:
+                pass
+            self._since_purge += 1
+            if self._since_purge >= 500:
+                self._since_purge = 0
+                await self.db.purge_sent(time.time() - 3600)
+
+        self.run(flush())
 
 
 def _describe(exc: BaseException) -> str:
@@ -833,7 +925,7 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
     saga_db: str | None = None
     saga_non_retryable: tuple[type[BaseException], ...] = ()
     saga_reply_retries = 10
-    _saga_inbox: _Inbox | None = None
+    _saga_inbox: _Inbox | _PostgresInbox | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         meta = kwargs.pop(META_KWARG, None)
@@ -844,7 +936,9 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
                            .get("redelivered"))
         if self.saga_db:
             if self._saga_inbox is None or self._saga_inbox.url != self.saga_db:
-                self._saga_inbox = _Inbox(self.saga_db)
+                self._saga_inbox = _open_inbox(self.saga_db)
+            if isinstance(self._saga_inbox, _PostgresInbox):
+                return self._run_with_postgres(call, self._saga_inbox, args, kwargs)
             return self._run_with_inbox(call, self._saga_inbox, args, kwargs)
         return self._run_plain(call, args, kwargs, redelivered)
 
@@ -998,6 +1092,90 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
             raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
                              ) from exc
 
+    def _run_with_postgres(self, call: _Call, inbox: _PostgresInbox, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
+        fence = None
+        if call.compensation:
+            fence = (call.key.removesuffix(":compensation") + ":action", _FENCED_ACTION)
+        try:
+            scope = inbox.transaction()
+            tx = inbox.run(scope.__aenter__())
+        except (StoreError, TimeoutError) as exc:
+            raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                             ) from exc
+        try:
+            return self._in_postgres_tx(call, inbox, tx, fence, args, kwargs)
+        finally:
+            with contextlib.suppress(Exception):
+                inbox.run(scope.__aexit__(None, None, None), timeout=30)
+
+    def _in_postgres_tx(self, call: _Call, inbox: _PostgresInbox, tx: Any,
+                        fence: tuple[str, dict[str, Any]] | None, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        def commit(reply: Mapping[str, Any] | None, *, undo: bool,
+                   answer: Mapping[str, Any]) -> None:
+            try:
+                inbox.run(tx.commit(call.key, None if reply is None else dict(reply),
+                                    undo=undo, destination=call.reply_to,
+                                    body=call.reply_body(answer)[1].decode()))
+            except (StoreError, TimeoutError) as exc:
+                raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                                 ) from exc
+            try:
+                inbox.flush(self.app)
+            except Exception as exc:  # recorded: a re-run publishes it from the outbox
+                log.warning("saga task %s (%s): publishing its reply failed: %s", self.name,
+                            call.correlation_id, exc)
+                raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                                 ) from exc
+
+        try:
+            recorded = inbox.run(tx.claim(call.key, fence=fence))
+        except (StoreError, TimeoutError) as exc:
+            raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
+                             ) from exc
+        if recorded is not None:  # done before: answer the same again, do not run
+            commit(None, undo=False, answer=recorded)
+            return recorded.get("result")
+        applied = None
+        if call.compensation:
+            action = inbox.run(tx.connection.fetchval(
+                "SELECT reply::text FROM sagaway_inbox WHERE idempotency_key = $1",
+                call.key.removesuffix(":compensation") + ":action"))
+            done = json.loads(action) if action else {}
+            applied = bool(done.get("ok"))
+            if applied and args and args[0] is None:
+                args = (done.get("result"), *args[1:])
+        db = inbox.sync_connection(tx.connection)
+        token = _current.set(TaskContext(call.run_id, call.step, call.key, call.attempt,
+                                         call.compensation, db, applied, call.headers))
+        try:
+            result = super().__call__(*args, **kwargs)
+        except TaskPredicate:  # retry, Ignore, Reject: no outcome to report yet
+            raise
+        except SoftTimeLimitExceeded as exc:
+            self._send(call, {"ok": False, "error": _describe(exc), "retryable": True,
+                              "maybe_applied": True}, recorded=False)
+            raise
+        except Exception as exc:
+            if self._business_no(exc):
+                failure = {"ok": False, "error": _describe(exc), "retryable": False}
+                commit(failure, undo=True, answer=failure)
+                raise
+            self._send(call, {"ok": False, "error": _describe(exc), "retryable": True},
+                       recorded=False)
+            raise
+        finally:
+            db._live = False
+            _current.reset(token)
+        undo = False
+        try:
+            reply: dict[str, Any] = {"ok": True, "result": _plain(result)}
+        except InvalidPayload as exc:
+            reply, undo = {"ok": False, "error": str(exc), "retryable": False}, True
+        commit(reply, undo=undo, answer=reply)
+        return result
+
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
         """A hard time limit: the worker's parent process reports it (the child is gone)."""
@@ -1039,7 +1217,7 @@ def saga_task(app: Any, *, db: str | None = None,
         CeleryIntegrationError: ``db`` is not a ``sqlite:///`` URL.
     """
     if db is not None:
-        _Inbox(db)  # validate the URL now, not at the first task
+        _open_inbox(db)  # validate the URL now, not at the first task (connects lazily)
     options.setdefault("acks_late", True)
     options.setdefault("reject_on_worker_lost", True)
     base = options.pop("base", SagaTask)
