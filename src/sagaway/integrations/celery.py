@@ -52,13 +52,17 @@ child is killed for a hard time limit. The mapping:
   a worker that stays down) → the step's ``timeout`` counts the attempt as timed out,
   possibly applied.
 
-Exactly once. With ``db="sqlite:///…"`` a task runs inside one SQLite transaction that
-also records its idempotency key in the ``sagaway_inbox`` table (the same table
+Exactly once. With ``db=`` a task runs inside one transaction of its service's database
+that also records its idempotency key in the ``sagaway_inbox`` table (the same table
 :mod:`sagaway.participant` uses): its writes through ``saga_context().db`` and the inbox
 record commit together, a redelivered or re-sent task answers the recorded reply without
 running again, and a compensation that runs first fences its action (a late action is then
-never applied). Without ``db`` the task gets its idempotency key in ``saga_context()`` and
-must apply it once itself.
+never applied). ``sqlite:///path.db``: the task gets the ``sqlite3.Connection`` (tasks
+sharing the file take turns on its write lock); ``postgresql://…``: the participant's
+``PostgresDatabase`` on an event loop of the worker process's own, the task gets a
+``SyncPostgresConnection`` (asyncpg's methods), and replies go through the participant
+outbox in the same transaction. Without ``db`` the task gets its idempotency key in
+``saga_context()`` and must apply it once itself.
 
 The step's time budget: ``timeout`` (the deadline of one attempt) should exceed the
 task's hard ``time_limit`` plus queueing, or the orchestrator gives up on an attempt that a
@@ -909,7 +913,8 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
     the outcome to the orchestrator; called any other way it is a plain task.
 
     Class attributes (or ``@app.task(..., saga_db=…)`` options):
-        saga_db: ``sqlite:///path.db`` for exactly-once effects (see the module docs).
+        saga_db: ``sqlite:///path.db`` or ``postgresql://…`` for exactly-once effects (see
+            the module docs).
         saga_non_retryable: exception types that are a business "no" (never retried), in
             addition to :class:`~sagaway.NonRetryableError`.
         saga_reply_retries: how often the task is re-run (by ``self.retry``) when its
@@ -1209,12 +1214,14 @@ def saga_task(app: Any, *, db: str | None = None,
     """Declare a Celery task that can run as a saga step: ``@saga_task(app, name=…)``.
 
     ``app.task(base=SagaTask, acks_late=True, reject_on_worker_lost=True, **options)`` with
-    ``db`` (``sqlite:///path.db``: effects written through ``saga_context().db`` are applied
-    exactly once) and ``non_retryable`` (exception types that are a business "no"). Any
-    Celery task option works (``name``, ``bind``, ``autoretry_for``, ``time_limit``, …).
+    ``db`` (``sqlite:///path.db`` or ``postgresql://…``: effects written through
+    ``saga_context().db`` are applied exactly once) and ``non_retryable`` (exception types
+    that are a business "no"). Any Celery task option works (``name``, ``bind``,
+    ``autoretry_for``, ``time_limit``, …).
 
     Raises:
-        CeleryIntegrationError: ``db`` is not a ``sqlite:///`` URL.
+        CeleryIntegrationError: ``db`` is neither a ``sqlite:///`` nor a ``postgresql://``
+            URL (or asyncpg is missing for the latter).
     """
     if db is not None:
         _open_inbox(db)  # validate the URL now, not at the first task (connects lazily)
