@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery_helpers import FIGURES, Names, Worker, effects, new_worker, pg_effects, pg_prepare
 
-from conftest import FIGURES, Names, Worker, effects, new_worker, pg_effects, pg_prepare
 from sagaway import Orchestrator, RetryPolicy, Saga, SagaRun, SagaStatus
 from sagaway.integrations.celery import CeleryTransport, celery_step, saga_chain
 

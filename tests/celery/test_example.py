@@ -9,8 +9,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-
-from conftest import Names, Worker
+from celery_helpers import Names, Worker
 
 pytestmark = pytest.mark.e2e
 
