@@ -33,6 +33,9 @@ async def test_the_celery_example_places_its_orders(amqp_url: str, names: Names,
     sys.modules.pop("examples.ecommerce.celery_variant.orders", None)
     from examples.ecommerce.celery_variant import orders
 
+    served = orders.orchestrator()  # what `sagaway worker --app …:orchestrator` loads
+    assert [s.name for s in served.sagas] == ["place_order"]
+    await served.store.aclose()
     outcome = await orders.place(orders.ORDERS, store=f"sqlite:///{tmp_path / 'o.db'}",
                                  broker=amqp_url, reply_to=names.replies)
     await asyncio.to_thread(worker.stop)

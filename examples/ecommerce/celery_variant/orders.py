@@ -43,6 +43,13 @@ ORDERS: list[dict[str, Any]] = [
 ]
 
 
+def orchestrator() -> Orchestrator:
+    """A worker for ``sagaway worker --app examples.ecommerce.celery_variant.orders:orchestrator``
+    (the saga log from ``$ORDERS_STORE``, default ``sqlite:///orders.db``)."""
+    return Orchestrator(os.environ.get("ORDERS_STORE", "sqlite:///orders.db"),
+                        sagas=[place_order], transport=CeleryTransport(tasks.BROKER))
+
+
 async def place(orders: list[dict[str, Any]], *, store: str, broker: str,
                 reply_to: str = "sagaway.replies") -> list[tuple[str, str, Any]]:
     """Run each order as a saga; return (order id, final status, result or error)."""
