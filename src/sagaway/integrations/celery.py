@@ -805,7 +805,20 @@ class _Inbox:
                     await db.open()
                     await db.aclose()
 
-                asyncio.run(migrate())
+                # On a thread of its own: the caller may be running an event loop.
+                failure: list[BaseException] = []
+
+                def run() -> None:
+                    try:
+                        asyncio.run(migrate())
+                    except BaseException as exc:
+                        failure.append(exc)
+
+                thread = threading.Thread(target=run, name="sagaway-celery-migrate")
+                thread.start()
+                thread.join()
+                if failure:
+                    raise failure[0]
                 self._migrated = True
             self._conn = connect(self.path, synchronous="FULL", busy_timeout=self.busy_timeout)
             self._pid = os.getpid()
