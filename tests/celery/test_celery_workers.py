@@ -321,7 +321,7 @@ async def test_duplicate_tasks_and_an_orchestrator_restart(amqp_url: str, names:
         handles = [await first.start("celery_order",
                                      {"id": f"d-{i}", "fail": "pay" if i % 3 == 0 else None})
                    for i in range(n)]
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.15)
         active = [r for r in [await first.get(h.id) for h in handles] if not r.finished]
     assert active, "every run had finished before the orchestrator was replaced"
     async with orch() as second:
