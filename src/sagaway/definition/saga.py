@@ -90,6 +90,10 @@ class Command:
     """The destination (queue or stream) the service consumes."""
     name: str
     """The command's type, which picks the service's handler."""
+    payload: Callable[[Any, Mapping[str, Any]], Any] | None = field(default=None, compare=False)
+    """Builds the message's payload from the run's input and the results of the steps that
+    have succeeded so far (``None``: the input as it is). Pure: called when the transition
+    that sends the command is written."""
 
     def __call__(self, *args: Any) -> Any:
         raise TypeError(

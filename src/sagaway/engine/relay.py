@@ -12,7 +12,9 @@ Wire format (the participant side, ``sagaway.participant``, speaks the same):
   ``reply_to``, ``correlation_id`` = ``{idempotency_key}:{attempt}``, ``payload`` = the
   run's input;
 * reply: ``type`` = ``sagaway.reply``, the command's ``correlation_id``, ``payload`` =
-  ``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…", "retryable": false}``.
+  ``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…", "retryable": false}``;
+  a failure may add ``"maybe_applied": true`` when the service cannot tell whether the
+  attempt took effect (it ran past a time limit): the step then counts as possibly applied.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class Reply:
     result: Any = None
     error: str | None = None
     retryable: bool = False
+    maybe_applied: bool = False
+    """The service cannot say whether the attempt took effect (it ran past a time limit)."""
 
     def event(self, now: float) -> Event:
         """The decider event this reply is for its run."""
@@ -96,7 +100,7 @@ class Reply:
         if self.ok:
             return ActionSucceeded(self.step, self.attempt, self.result, now)
         return ActionFailed(self.step, self.attempt, self.error or "", now,
-                            retryable=self.retryable)
+                            retryable=self.retryable, maybe_applied=self.maybe_applied)
 
 
 def parse_reply(envelope: Envelope) -> Reply:
@@ -122,6 +126,7 @@ def parse_reply(envelope: Envelope) -> Reply:
         result=body.get("result"),
         error=None if body["ok"] else str(body.get("error") or "the service said no"),
         retryable=bool(body.get("retryable", False)),
+        maybe_applied=not body["ok"] and body.get("maybe_applied") is True,
     )
 
 

@@ -394,7 +394,8 @@ class Orchestrator:
             now=now,
             history=decision.history,
             leased=not park,
-            outbox=self._outbox_for(run_id, definition, plain, decision.commands),
+            outbox=self._outbox_for(run_id, definition, plain, decision.commands,
+                                    decision.state.results),
         )
         # Registered before the write, so a lease renewal racing the creation never takes
         # this run for an orphan.
@@ -728,7 +729,7 @@ class Orchestrator:
         # The write that finishes (or parks) the run drops its lease too: a renewal answered
         # while it is in flight must not take the run for lost.
         d.releasing = state.status.finished or park
-        outbox = self._outbox_for(d.run_id, d.saga, d.input, commands)
+        outbox = self._outbox_for(d.run_id, d.saga, d.input, commands, state.results)
         event_type = d.saga.events.get(state.status.value)
         if event_type and d.saga.events_destination and not d.state.status.finished:
             outbox.append(domain_event(
@@ -784,8 +785,8 @@ class Orchestrator:
         step = saga[cmd.step]
         return step.remote if isinstance(cmd, InvokeAction) else step.remote_compensation
 
-    def _outbox_for(self, run_id: str, saga: Saga, data: Any, commands: Iterable[Command]
-                    ) -> builtins.list[OutboxMessage]:
+    def _outbox_for(self, run_id: str, saga: Saga, data: Any, commands: Iterable[Command],
+                    results: Mapping[str, Any]) -> builtins.list[OutboxMessage]:
         """The command messages a transition emits (written in its own transaction)."""
         out = []
         for cmd in commands:
@@ -800,7 +801,8 @@ class Orchestrator:
             out.append(command_message(
                 run_id=run_id, step=step.name, attempt=cmd.attempt,
                 key=idempotency_key(run_id, step.name, compensation=compensating),
-                service=target.service, command=target.name, payload=data,
+                service=target.service, command=target.name,
+                payload=data if target.payload is None else target.payload(data, results),
                 reply_to=self.reply_to, headers=headers,
             ))
         return out

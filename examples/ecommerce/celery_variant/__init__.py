@@ -1,0 +1,1 @@
+"""The e-commerce order saga on Celery workers (see README.md beside this file)."""
