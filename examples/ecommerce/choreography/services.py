@@ -54,13 +54,15 @@ _SCHEMA = {
     "orders": "CREATE TABLE IF NOT EXISTS orders (order_id TEXT PRIMARY KEY, run_id TEXT, "
               "status TEXT NOT NULL, amount INTEGER NOT NULL)",
     "inventory": "CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL);"
-                 "CREATE TABLE IF NOT EXISTS reservations (run_id TEXT PRIMARY KEY, "
-                 "sku TEXT NOT NULL, qty INTEGER NOT NULL, released INTEGER NOT NULL "
-                 "DEFAULT 0)",
-    "payment": "CREATE TABLE IF NOT EXISTS payments (run_id TEXT PRIMARY KEY, "
-               "amount INTEGER NOT NULL, status TEXT NOT NULL)",
-    "shipping": "CREATE TABLE IF NOT EXISTS shipments (run_id TEXT PRIMARY KEY, "
-                "country TEXT NOT NULL, tracking TEXT NOT NULL)",
+                 "CREATE TABLE IF NOT EXISTS reservations (id INTEGER PRIMARY KEY, "
+                 "run_id TEXT NOT NULL, sku TEXT NOT NULL, qty INTEGER NOT NULL, "
+                 "released INTEGER NOT NULL DEFAULT 0)",
+    # No unique constraint on run_id: applying an event once is sagaway's job (the inbox),
+    # and the tests count these rows to prove it.
+    "payment": "CREATE TABLE IF NOT EXISTS payments (id INTEGER PRIMARY KEY, "
+               "run_id TEXT NOT NULL, amount INTEGER NOT NULL, status TEXT NOT NULL)",
+    "shipping": "CREATE TABLE IF NOT EXISTS shipments (id INTEGER PRIMARY KEY, "
+                "run_id TEXT NOT NULL, country TEXT NOT NULL, tracking TEXT NOT NULL)",
 }
 
 
@@ -102,11 +104,11 @@ def _inventory(svc: ChoreographedService) -> None:
         return {**order, "reserved": order["qty"]}
 
     def release(event: Command) -> None:
-        row = event.db.execute(
+        rows = event.db.execute(
             "UPDATE reservations SET released = 1 WHERE run_id = ? AND released = 0 "
-            "RETURNING sku, qty", (event.run_id,)).fetchone()
-        if row is not None:  # nothing reserved (or released already): nothing to give back
-            event.db.execute("UPDATE stock SET qty = qty + ? WHERE sku = ?", (row[1], row[0]))
+            "RETURNING sku, qty", (event.run_id,)).fetchall()
+        for sku, qty in rows:  # none: nothing reserved (or released already)
+            event.db.execute("UPDATE stock SET qty = qty + ? WHERE sku = ?", (qty, sku))
 
     svc.on("PaymentFailed", emits="StockReleased")(release)
     svc.on("PaymentRefunded", emits="StockReleased")(release)
@@ -119,7 +121,7 @@ def _payment(svc: ChoreographedService) -> None:
         if order["amount"] > CARD_LIMIT:
             raise NonRetryableError(f"card declined: {order['amount']} is over the "
                                     f"{CARD_LIMIT} limit")
-        event.db.execute("INSERT INTO payments VALUES (?, ?, 'charged')",
+        event.db.execute("INSERT INTO payments (run_id, amount, status) VALUES (?, ?, 'charged')",
                          (event.run_id, order["amount"]))
         return {**order, "charged": order["amount"]}
 
@@ -136,7 +138,7 @@ def _shipping(svc: ChoreographedService) -> None:
         if order["country"] not in SHIPS_TO:
             raise NonRetryableError(f"cannot ship to {order['country']}")
         tracking = f"TRK-{event.run_id[-8:]}"
-        event.db.execute("INSERT INTO shipments VALUES (?, ?, ?)",
+        event.db.execute("INSERT INTO shipments (run_id, country, tracking) VALUES (?, ?, ?)",
                          (event.run_id, order["country"], tracking))
         return {**order, "tracking": tracking}
 
@@ -219,11 +221,19 @@ def check_invariants(dbs: Mapping[str, str], runs: Mapping[str, SagaStatus],
     created or lost: initial = on shelf + held by active reservations.
     """
     audit = Audit()
-    held = {r[0]: r for r in _rows(dbs["inventory"],
-                                   "SELECT run_id, sku, qty FROM reservations WHERE released = 0")}
-    charged = {r[0] for r in _rows(dbs["payment"],
-                                   "SELECT run_id FROM payments WHERE status = 'charged'")}
-    shipped = {r[0] for r in _rows(dbs["shipping"], "SELECT run_id FROM shipments")}
+    reservations = _rows(dbs["inventory"], "SELECT run_id, sku, qty, released FROM reservations")
+    payments = _rows(dbs["payment"], "SELECT run_id, status FROM payments")
+    shipments = _rows(dbs["shipping"], "SELECT run_id FROM shipments")
+    for what, rows in (("reserved", reservations), ("charged", payments),
+                       ("shipped", shipments)):
+        per_run: dict[str, int] = {}
+        for row in rows:
+            per_run[row[0]] = per_run.get(row[0], 0) + 1
+        audit.problems.extend(f"run {run_id} was {what} {n} times" for run_id, n
+                              in per_run.items() if n > 1)
+    held = {r[0]: r for r in reservations if not r[3]}
+    charged = {r[0] for r in payments if r[1] == "charged"}
+    shipped = {r[0] for r in shipments}
     orders = {r[0]: r[1] for r in _rows(dbs["orders"], "SELECT run_id, status FROM orders")}
     for run_id, status in runs.items():
         if not status.finished:
@@ -244,7 +254,7 @@ def check_invariants(dbs: Mapping[str, str], runs: Mapping[str, SagaStatus],
             )
     shelf = dict(_rows(dbs["inventory"], "SELECT sku, qty FROM stock"))
     for sku, initial in initial_stock.items():
-        in_use = sum(r[2] for r in held.values() if r[1] == sku)
+        in_use = sum(r[2] for r in reservations if r[1] == sku and not r[3])
         if shelf.get(sku, 0) + in_use != initial:
             audit.problems.append(f"stock of {sku}: {shelf.get(sku, 0)} on the shelf + {in_use} "
                                   f"held != {initial} at the start")
