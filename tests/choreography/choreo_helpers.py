@@ -213,5 +213,13 @@ async def delete_queues(url: str, names: list[str]) -> None:
                     await t.js.delete_stream(stream_name(name))
 
 
-__all__ = ["STOCK", "Duplicating", "Shop", "SagaStatus", "effects", "events_of", "kinds",
-           "order"]
+__all__ = [
+    "STOCK",
+    "Duplicating",
+    "SagaStatus",
+    "Shop",
+    "effects",
+    "events_of",
+    "kinds",
+    "order",
+]

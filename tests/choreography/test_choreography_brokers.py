@@ -19,7 +19,6 @@ from sagaway import SagaStatus
 from sagaway.choreography import emit_event
 
 
-
 @pytest.fixture
 async def shop(broker_url: str, tmp_path: Path) -> AsyncIterator[Shop]:
     s = Shop(broker_url, tmp_path)
