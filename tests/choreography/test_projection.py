@@ -143,3 +143,22 @@ def test_what_a_stuck_run_waits_for() -> None:
     state, _ = feed(["StockReserved"])
     assert state is not None and state["status"] == "RUNNING"
     assert [s.name for s, _ in awaited(FLOW, state)] == ["charge_payment"]
+
+
+def test_a_run_finishes_only_once_every_event_on_its_path_is_in() -> None:
+    # Two trackers, or two queues: ShippingArranged may be projected before PaymentCharged.
+    # The run must not finish without it, or PaymentCharged would be dropped as "late".
+    assert FLOW.required_for_end() == {"OrderCreated", "StockReserved", "PaymentCharged",
+                                       "ShippingArranged"}
+    assert FLOW.required_for_end("ShippingFailed") == {
+        "OrderCreated", "StockReserved", "PaymentCharged", "ShippingFailed",
+        "PaymentRefunded", "StockReleased"}
+    assert FLOW.required_for_end("StockRejected") == {"OrderCreated", "StockRejected"}
+    state, steps = feed(["OrderCreated", "StockReserved", "ShippingArranged"])
+    assert steps[-1].status is SagaStatus.RUNNING
+    _, steps = feed(["PaymentCharged"], state)
+    assert steps[-1].status is SagaStatus.COMPLETED
+    state, steps = feed(["StockReserved", "PaymentFailed", "StockReleased"])
+    assert steps[-1].status is SagaStatus.COMPENSATING  # OrderCreated not in yet
+    _, steps = feed(["OrderCreated"], state)
+    assert steps[-1].status is SagaStatus.COMPENSATED

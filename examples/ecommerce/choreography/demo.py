@@ -79,6 +79,7 @@ def start_process(service: str, *, transport: str, prefix: str, db: str | None =
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
+    proc.stdout.close()  # it prints nothing else (logs go to stderr)
     if not line.startswith("ready"):
         proc.kill()
         raise RuntimeError(f"{service} did not start (exit code {proc.wait()}); see its stderr")

@@ -512,6 +512,39 @@ class Choreography:
         tracker's. Empty for an event not in the flow."""
         return self._subscribers.get(event, ())
 
+    def ancestors(self, step: FlowStep) -> list[FlowStep]:
+        """The steps whose success started ``step``, nearest first (they all succeeded
+        before it ran)."""
+        chain: list[FlowStep] = []
+        producer = self._producers.get(step.on)
+        while producer is not None and producer.step is not None and producer.step not in chain:
+            chain.append(producer.step)
+            producer = self._producers.get(producer.step.on)
+        return chain
+
+    def required_for_end(self, failure: str | None = None) -> set[str]:
+        """The events a run must have seen to be finished: with no failure, the start, the
+        completed events and every success on the way to them; after ``failure``, the start,
+        the successes that led to the failing step, and the compensations it sets off.
+
+        The tracker waits for all of them, so an event overtaken on the way (each consumer
+        has its own queue) still lands in the timeline before the run is finished.
+        """
+        needed = {self.start}
+        if failure is None:
+            needed.update(self._completed)
+            for event in self._completed:
+                step = self._producers[event].step
+                assert step is not None
+                needed.update(s.success for s in self.ancestors(step))
+            return needed
+        failed = self._producers[failure].step
+        assert failed is not None
+        needed.add(failure)
+        needed.update(s.success for s in self.ancestors(failed))
+        needed.update(s.compensated for s in self.cascade(failure) if s.compensated)
+        return needed
+
     def cascade(self, failure: str) -> list[FlowStep]:
         """The steps undone, in order, once ``failure`` (a failure event) is emitted."""
         events = [failure]

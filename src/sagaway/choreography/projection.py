@@ -5,9 +5,11 @@ not of their order, so events that overtake each other on the way (each consumer
 queue, and an outbox relays rows concurrently) project to the same record:
 
 * a ``compensation_failure`` event seen → FAILED (an operator settles it);
-* every ``completed`` event seen, and no failure → COMPLETED;
+* every ``completed`` event seen, and every event on the way to them (the start, each
+  step's success), and no failure → COMPLETED;
 * a failure seen → COMPENSATING, then COMPENSATED once every step the flow undoes after
-  that failure has emitted its ``compensated`` event (at once when there is none);
+  that failure has emitted its ``compensated`` event and the events that led to the failing
+  step have been seen too (see :meth:`Choreography.required_for_end`);
 * otherwise RUNNING.
 
 The state document has the engine's shape (``status``, ``steps`` with each step's status and
@@ -163,9 +165,9 @@ def _status(flow: Choreography, seen: list[list[Any]]) -> tuple[SagaStatus, str 
         error = f"{failed.name} failed ({first_failure[0]})"
         if first_failure[2]:
             error += f": {first_failure[2]}"
-        pending = [s for s in flow.cascade(first_failure[0]) if s.compensated not in types]
-        return (SagaStatus.COMPENSATING if pending else SagaStatus.COMPENSATED), error
-    if all(e in types for e in flow.completed_events):
+        done = flow.required_for_end(first_failure[0]) <= types
+        return (SagaStatus.COMPENSATED if done else SagaStatus.COMPENSATING), error
+    if flow.required_for_end() <= types:
         return SagaStatus.COMPLETED, None
     return SagaStatus.RUNNING, None
 
