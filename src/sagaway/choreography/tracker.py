@@ -78,6 +78,8 @@ class Tracker:
         lease: seconds a run is held for one write.
         poll_interval: seconds between looks for runs past their deadline.
         recheck: seconds between looks at a run already reported stuck.
+        store_patience: seconds an event waits out store errors (unacknowledged) before it
+            is given back to the broker, which counts it towards ``max_deliveries``.
         prefetch, max_deliveries, grace: the tracker queue's consumer settings.
 
     A store or transport built from a URL, or a transport it opened, it closes in ``aclose``.
@@ -94,6 +96,7 @@ class Tracker:
         lease: float = 10.0,
         poll_interval: float = 1.0,
         recheck: float = 3600.0,
+        store_patience: float = 60.0,
         prefetch: int = DEFAULT_PREFETCH,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         grace: float | None = DEFAULT_GRACE,
@@ -111,6 +114,7 @@ class Tracker:
         self.lease = lease
         self.poll_interval = poll_interval
         self.recheck = recheck
+        self.store_patience = store_patience
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
         self.grace = grace
@@ -202,14 +206,33 @@ class Tracker:
         self._locks[env.run_id] = (lock, users + 1)
         try:
             async with lock:
-                await self._project(flow, env.run_id, env.type, env.id, env.payload,
-                                    env.created_at)
+                await self._project_patiently(flow, env.run_id, env.type, env.id,
+                                              env.payload, env.created_at)
         finally:
             lock, users = self._locks[env.run_id]
             if users <= 1:
                 del self._locks[env.run_id]
             else:
                 self._locks[env.run_id] = (lock, users - 1)
+
+    async def _project_patiently(self, flow: Choreography, run_id: str, event: str,
+                                 event_id: str, payload: Any, at: float) -> None:
+        # A store that is briefly unreachable (a database restart) is waited out here, the
+        # event held unacknowledged, rather than raised: the broker would redeliver at once
+        # and the event would reach the dead letter within milliseconds.
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                await self._project(flow, run_id, event, event_id, payload, at)
+                return
+            except StoreError as exc:
+                if isinstance(exc, LeaseLost) or waited >= self.store_patience:
+                    raise
+                log.warning("tracker: the store failed projecting %s of run %s, retrying "
+                            "in %.1fs: %s", event, run_id, delay, exc)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
 
     async def _project(self, flow: Choreography, run_id: str, event: str, event_id: str,
                        payload: Any, at: float) -> None:
