@@ -23,7 +23,8 @@ from examples.ecommerce.choreography.demo import ROOT, start_process
 
 from sagaway import Listener, SagaStatus, Transition
 from sagaway.admin import Role, create_app
-from sagaway.choreography import TRACKER
+from sagaway.choreography import TRACKER, emit_event
+from sagaway.messaging import open_transport
 
 TIMEOUT = 90
 
@@ -186,3 +187,37 @@ async def test_demo_choreography_runs_the_example_and_checks_invariants(
     assert any(line.split("│")[2].strip() == "5" for line in rows if "COMPENSATED" in line)
 
 
+
+
+@pytest.mark.e2e
+async def test_sagaway_choreography_track_runs_a_tracker_process(
+        amqp_url: str, tmp_path: Path) -> None:
+    shop = Shop(amqp_url, tmp_path)
+    env = {**os.environ, "CHOREO_TEST_PREFIX": shop.prefix,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sagaway.cli", "choreography", "track", "choreo_flows:from_env()",
+         "--store", shop.store_url, "--transport", amqp_url],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        async with open_transport(amqp_url) as transport:
+            run_id = None
+            for event in ("OrderCreated", "StockReserved", "PaymentCharged",
+                          "ShippingArranged"):
+                run_id = await emit_event(transport, shop.flow, event, {}, run_id=run_id)
+        await shop.store.open()
+        await shop.reader.open()
+        assert run_id is not None
+        (run,) = await shop.wait([run_id], timeout=30)
+        assert run.status is SagaStatus.COMPLETED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        await shop.aclose()
+    assert proc.returncode == 0, stderr
+    assert "tracking ['order-choreography']" in stderr
+    bad = sagaway_cli("choreography", "track", "nope:flow", "--store", shop.store_url,
+                      "--transport", amqp_url)
+    assert bad.returncode == 2 and "cannot import 'nope'" in " ".join(
+        bad.stderr.replace("│", " ").split())

@@ -2,6 +2,7 @@
 
 ``draw`` imports a :class:`~sagaway.choreography.Choreography` (``module:attr``, or
 ``module:factory()``), which validates it, and prints it as Mermaid (or plain text).
+``track`` runs a :class:`~sagaway.choreography.Tracker` for one or more flows.
 ``demo-choreography`` runs the choreographed e-commerce example
 (``examples/ecommerce/choreography``), so it needs a source checkout: the example is not part
 of the installed package.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,13 +21,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from sagaway.choreography import Choreography
-from sagaway.errors import DefinitionError
+from sagaway.choreography import Choreography, Tracker
+from sagaway.errors import DefinitionError, SagawayError
 
 __all__ = ["choreography_app", "demo_choreography", "load_flow"]
 
 choreography_app = typer.Typer(
-    help="Choreographed sagas: draw a flow.", no_args_is_help=True, add_completion=False,
+    help="Choreographed sagas: draw a flow, run a tracker.", no_args_is_help=True,
+    add_completion=False,
 )
 out = Console()
 
@@ -72,6 +76,53 @@ def draw(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="MODULE:FLOW") from exc
     sys.stdout.write(flow.describe() if text else flow.to_mermaid())
+
+
+@choreography_app.command()
+def track(
+    specs: Annotated[list[str], typer.Argument(metavar="MODULE:FLOW...",
+                                               help="The choreographies to track.")],
+    store: Annotated[str, typer.Option(
+        "--store", envvar="SAGAWAY_STORE", show_envvar=True,
+        help="The saga log the runs go to (sqlite:///path.db, postgresql://…).")],
+    transport: Annotated[str, typer.Option(
+        "--transport", envvar="SAGAWAY_TRANSPORT", show_envvar=True,
+        help="The broker the flows' events travel on (amqp://…, nats://…, redis://…).")],
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING…")]
+    = "INFO",
+) -> None:
+    """Run a tracker: record choreographed runs in the saga log until SIGTERM or SIGINT.
+
+    Several trackers may share the work (one writer per run, through leases).
+    """
+    logging.basicConfig(
+        stream=sys.stderr, level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    try:
+        flows = [load_flow(spec) for spec in specs]
+    except DefinitionError as exc:
+        out.print(f"[bold red]error:[/] the flow is invalid: {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODULE:FLOW") from exc
+    try:
+        tracker = Tracker(store, transport, flows)
+    except (SagawayError, ValueError) as exc:
+        out.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, tracker.stop)
+        await tracker.run()
+
+    try:
+        asyncio.run(go())
+    except SagawayError as exc:
+        out.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def demo_choreography(
