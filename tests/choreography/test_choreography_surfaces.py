@@ -35,6 +35,12 @@ def sagaway_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
+def spawn(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``sagaway ARGS`` as a process (its stderr piped)."""
+    return subprocess.Popen([sys.executable, "-m", "sagaway.cli", *args], cwd=cwd, env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
 class Recorder(Listener):
     def __init__(self) -> None:
         self.transitions: list[Transition] = []
@@ -196,10 +202,8 @@ async def test_sagaway_choreography_track_runs_a_tracker_process(
     env = {**os.environ, "CHOREO_TEST_PREFIX": shop.prefix,
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT),
                                           os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sagaway.cli", "choreography", "track", "choreo_flows:from_env()",
-         "--store", shop.store_url, "--transport", amqp_url],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = spawn("choreography", "track", "choreo_flows:from_env()", "--store",
+                 shop.store_url, "--transport", amqp_url, cwd=tmp_path, env=env)
     try:
         async with open_transport(amqp_url) as transport:
             run_id = None
