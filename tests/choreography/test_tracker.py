@@ -125,3 +125,43 @@ def test_tracker_configuration_errors() -> None:
         Tracker("memory://", "memory://", [])
     with pytest.raises(ValueError, match="same name"):
         Tracker("memory://", "memory://", [FLOW, order_flow(prefix="other")])
+
+
+async def test_operator_actions_resolve_is_applied_the_others_are_answered(
+        tmp_path: Path) -> None:
+    from sagaway.choreography import Choreography, FlowStep
+
+    flow = Choreography("ops", start="Go", deadline=0.3, steps=[
+        FlowStep("a", service="x", on="Go", success="A", compensate_on="BFailed",
+                 compensated="AUndone", compensation_failure="AStuck"),
+        FlowStep("b", service="y", on="A", success="B", failure="BFailed"),
+    ])
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with MemoryTransport() as transport, Tracker(url, transport, [flow],
+                                                       poll_interval=0.05):
+        stuck = await emit_event(transport, flow, "Go", {})
+        failed = await emit_event(transport, flow, "Go", {})
+        for event in ("A", "BFailed", "AStuck"):
+            await emit_event(transport, flow, event, {"error": "bank closed"}, run_id=failed)
+        await wait_status(url, failed, SagaStatus.FAILED)
+        async with Orchestrator(url, worker=False) as operator:
+            deadline = time.monotonic() + 5
+            while not (await operator.get(stuck)).error:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await operator.compensate(stuck, reason="customer called", actor="ana")
+            await operator.resolve(failed, reason="refunded by hand", actor="ana")
+            resolved = await wait_status(url, failed, SagaStatus.RESOLVED)
+            deadline = time.monotonic() + 5
+            while (run := await operator.get(stuck)).request is not None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            version = (await operator.store.get_run(stuck, history=False)).row_version  # type: ignore[union-attr]
+            await asyncio.sleep(0.5)  # answered once, not claimed again on every poll
+            assert (await operator.store.get_run(stuck, history=False)).row_version == version  # type: ignore[union-attr]
+    assert [h.kind for h in resolved.history][-3:] == ["operator.requested", "operator.resolve",
+                                                       "run.finished"]
+    assert run.status is SagaStatus.RUNNING
+    answer = run.history[-1]
+    assert answer.kind == "event.ignored" and answer.data["request"]["action"] == "compensate"
+    assert "cannot be carried out on a choreographed run" in answer.data["reason"]

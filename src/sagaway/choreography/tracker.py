@@ -341,8 +341,51 @@ class Tracker:
         records = await self.store.claim_due(owner=self.owner, lease_seconds=self.lease,
                                              limit=100, definitions=definitions)
         for record in records:
-            await self._mark_stuck(self.flows[record.saga], record)
+            if record.request is not None:
+                await self._answer_request(self.flows[record.saga], record)
+            else:
+                await self._mark_stuck(self.flows[record.saga], record)
         return len(records)
+
+    async def _answer_request(self, flow: Choreography, record: RunRecord) -> None:
+        """Carry out an operator's request on a choreographed run, as far as one can.
+
+        ``resolve`` (a FAILED run settled by hand) is applied. ``retry``, ``resume`` and
+        ``compensate`` would need the services to act, and no orchestrator drives them:
+        the request is recorded as ignored, with what to do instead, and cleared.
+        """
+        now = time.time()
+        request = record.request or {}
+        action = str(request.get("action"))
+        status, wake = record.status, record.wake_at
+        if action == "resolve" and record.status is SagaStatus.FAILED:
+            status, wake = SagaStatus.RESOLVED, None
+            entries = [HistoryEntry(at=now, kind="operator.resolve",
+                                    data={"actor": request.get("actor"),
+                                          "reason": request.get("reason")}),
+                       HistoryEntry(at=now, kind="run.finished",
+                                    data={"status": SagaStatus.RESOLVED.value})]
+        else:
+            entries = [HistoryEntry(at=now, kind="event.ignored", data={
+                "request": request,
+                "reason": (f"{action!r} cannot be carried out on a choreographed run: its "
+                           f"services act on events, not on an orchestrator's commands. Emit "
+                           f"the event the run waits for (sagaway.choreography.emit_event), "
+                           f"or fix it in the services and resolve the run once FAILED"),
+            })]
+            if not status.finished and wake is None:
+                wake = now + flow.deadline
+        state = dict(record.state, status=status.value)
+        ok = (await self.store.commit(
+            [], [RunUpdate(
+                run_id=record.id, expected_version=record.row_version, status=status,
+                state=state, error=record.error, wake_at=wake, now=now, history=entries,
+                release=True, clear_request=True,
+            )],
+            owner=self.owner, lease_seconds=self.lease,
+        )).updated[0]
+        if ok:
+            self._notify(flow, record.id, status, entries, record.row_version + 1)
 
     async def _mark_stuck(self, flow: Choreography, record: RunRecord) -> None:
         now = time.time()
