@@ -239,6 +239,8 @@ class Tracker:
         delay = 0.01
         deadline = time.monotonic() + max(self.lease * 3, 5.0)
         while True:
+            # Read before claiming: a claim bumps the row version, so claiming a run of
+            # another saga (an event carrying a foreign run id) would fence its worker.
             record = await self.store.get_run(run_id, history=False)
             if record is None:
                 if await self._create(flow, run_id, event, event_id, payload, at):
