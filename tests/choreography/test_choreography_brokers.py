@@ -37,8 +37,11 @@ async def test_success_completes_with_its_timeline(shop: Shop) -> None:
     assert run.saga == shop.flow.name and run.version == 1
     assert events_of(run) == ["OrderCreated", "StockReserved", "PaymentCharged",
                               "ShippingArranged"]
-    assert kinds(run) == [("run.started", None), ("step.succeeded", "reserve_stock"),
+    assert kinds(run) == [("run.started", None), ("step.started", "reserve_stock"),
+                          ("step.succeeded", "reserve_stock"),
+                          ("step.started", "charge_payment"),
                           ("step.succeeded", "charge_payment"),
+                          ("step.started", "arrange_shipping"),
                           ("step.succeeded", "arrange_shipping"), ("run.finished", None)]
     assert run.input == order(1)
     assert run.results["arrange_shipping"]["tracking"] == f"TRK-{run_id[-8:]}"

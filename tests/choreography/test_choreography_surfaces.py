@@ -83,8 +83,9 @@ async def test_admin_api_cli_and_listeners_show_choreographed_runs(
             ok: "COMPLETED", undone: "COMPENSATED"}
         detail = (await http.get(f"/api/runs/{undone}", headers=headers)).json()
         assert [h["kind"] for h in detail["history"]] == [
-            "run.started", "step.succeeded", "step.failed", "run.compensating",
-            "compensation.succeeded", "run.finished"]
+            "run.started", "step.started", "step.succeeded", "step.started", "step.failed",
+            "run.compensating", "compensation.started", "compensation.succeeded",
+            "run.finished"]
         assert detail["error"].startswith("charge_payment failed (PaymentFailed): card declined")
         counts = (await http.get("/api/runs/counts", params={"saga": shop.flow.name},
                                  headers=headers)).json()

@@ -93,12 +93,17 @@ def test_the_timeline_and_the_steps_read_like_an_orchestrated_run() -> None:
     state, steps = feed(PATHS["unshippable"])
     entries = [e for p in steps for e in p.entries]
     assert [(e.kind, e.step) for e in entries] == [
-        ("run.started", None), ("step.succeeded", "reserve_stock"),
-        ("step.succeeded", "charge_payment"), ("step.failed", "arrange_shipping"),
-        ("run.compensating", None), ("compensation.succeeded", "charge_payment"),
+        ("run.started", None), ("step.started", "reserve_stock"),
+        ("step.succeeded", "reserve_stock"), ("step.started", "charge_payment"),
+        ("step.succeeded", "charge_payment"), ("step.started", "arrange_shipping"),
+        ("step.failed", "arrange_shipping"), ("run.compensating", None),
+        ("compensation.started", "charge_payment"),
+        ("compensation.succeeded", "charge_payment"), ("compensation.started", "reserve_stock"),
         ("compensation.succeeded", "reserve_stock"), ("run.finished", None)]
-    assert entries[3].data == {"event": "ShippingFailed", "id": "ShippingFailed",
+    assert entries[6].data == {"event": "ShippingFailed", "id": "ShippingFailed",
                                "error": "ShippingFailed because"}
+    assert entries[6].attempt == entries[5].attempt == 1  # an outcome pairs with its start
+    assert entries[5].data == {"on": "PaymentCharged"}
     assert entries[0].at == 100.0  # the event's own time
     assert state is not None
     assert {k: v["status"] for k, v in state["steps"].items()} == {
@@ -162,3 +167,11 @@ def test_a_run_finishes_only_once_every_event_on_its_path_is_in() -> None:
     assert steps[-1].status is SagaStatus.COMPENSATING  # OrderCreated not in yet
     _, steps = feed(["OrderCreated"], state)
     assert steps[-1].status is SagaStatus.COMPENSATED
+
+
+def test_a_step_whose_outcome_overtook_its_trigger_is_not_started_after_it() -> None:
+    _, steps = feed(["StockReserved", "PaymentCharged", "OrderCreated"])
+    kinds = [(e.kind, e.step) for p in steps for e in p.entries]
+    assert kinds == [("step.succeeded", "reserve_stock"), ("step.started", "charge_payment"),
+                     ("step.succeeded", "charge_payment"),
+                     ("step.started", "arrange_shipping"), ("run.started", None)]

@@ -110,16 +110,34 @@ def project(
                         payload if role == "success" else None])
     entries = [_entry(flow, step, role, event, event_id, payload, at)]
     status, error = _status(flow, seen_events)
-    if status is not old_status:
-        if status is SagaStatus.COMPENSATING:
-            entries.append(HistoryEntry(at=at, kind="run.compensating",
-                                        data={"reason": error or f"{event} was emitted"}))
-        elif status.finished:
-            data: dict[str, Any] = {"status": status.value}
-            if error:
-                data["error"] = error
-            entries.append(HistoryEntry(at=at, kind="run.finished", data=data))
+    if status is not old_status and status is SagaStatus.COMPENSATING:
+        entries.append(HistoryEntry(at=at, kind="run.compensating",
+                                    data={"reason": error or f"{event} was emitted"}))
+    entries.extend(_started(flow, event, {e[0] for e in seen_events}, at))
+    if status is not old_status and status.finished:
+        data: dict[str, Any] = {"status": status.value}
+        if error:
+            data["error"] = error
+        entries.append(HistoryEntry(at=at, kind="run.finished", data=data))
     return done(entries, status, error)
+
+
+def _started(flow: Choreography, event: str, types: set[str], at: float
+             ) -> list[HistoryEntry]:
+    """The steps ``event`` sets going: actions it starts and compensations it triggers
+    (unless their outcome overtook it). A step starts when its trigger is emitted; the time
+    it spends in its service's queue counts as part of the step, as a command's does."""
+    out: list[HistoryEntry] = []
+    for step in flow.steps:
+        outcomes = {step.success, step.failure} - {None}
+        if step.on == event and not outcomes & types:
+            out.append(HistoryEntry(at=at, kind="step.started", step=step.name, attempt=1,
+                                    data={"on": event}))
+        undo = {step.compensated, step.compensation_failure} - {None}
+        if event in step.compensate_on and step.success in types and not undo & types:
+            out.append(HistoryEntry(at=at, kind="compensation.started", step=step.name,
+                                    attempt=1, data={"on": event}))
+    return out
 
 
 def _entry(flow: Choreography, step: FlowStep | None, role: str, event: str, event_id: str,
@@ -130,17 +148,14 @@ def _entry(flow: Choreography, step: FlowStep | None, role: str, event: str, eve
         return HistoryEntry(at=at, kind="run.started",
                             data={"saga": flow.name, "version": flow.version, **data})
     assert step is not None
-    if role == "success":
-        return HistoryEntry(at=at, kind="step.succeeded", step=step.name, data=data)
-    if role == "failure":
-        if error:
-            data["error"] = error
-        return HistoryEntry(at=at, kind="step.failed", step=step.name, data=data)
-    if role == "compensated":
-        return HistoryEntry(at=at, kind="compensation.succeeded", step=step.name, data=data)
-    if error:
+    if error and role in ("failure", "compensation_failure"):
         data["error"] = error
-    return HistoryEntry(at=at, kind="compensation.failed", step=step.name, data=data)
+    kind = {"success": "step.succeeded", "failure": "step.failed",
+            "compensated": "compensation.succeeded",
+            "compensation_failure": "compensation.failed"}[role]
+    # attempt=1: a choreographed step is one attempt as far as the tracker can see (its
+    # service's redeliveries are the broker's); it pairs each outcome with its start.
+    return HistoryEntry(at=at, kind=kind, step=step.name, attempt=1, data=data)
 
 
 def _status(flow: Choreography, seen: list[list[Any]]) -> tuple[SagaStatus, str | None]:
