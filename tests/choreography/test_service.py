@@ -4,8 +4,10 @@ what each kind of handler outcome emits, and what goes to the dead letter."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,30 @@ async def test_start_is_atomic_with_the_services_row_and_once_per_key(
         assert conn.execute("SELECT id, run_id FROM orders").fetchall() == [("o-1", first)]
     finally:
         conn.close()
+
+
+async def test_a_failing_handler_is_retried_with_backoff_then_succeeds(
+        transport: MemoryTransport, tmp_path: Path) -> None:
+    sink = Sink(transport)
+    await sink.watch(FLOW.tracker_destination)
+    attempts: list[float] = []
+
+    def flaky(e: Command) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ConnectionError("the card processor is down")
+
+    svc = await alpha_with(transport, tmp_path, flaky, retry_backoff=0.2, max_deliveries=5)
+    try:
+        await emit_event(transport, FLOW, "Go", {})
+        (_, done) = await sink.wait(FLOW.tracker_destination, 2)
+        assert done.envelope.type == "A"
+    finally:
+        await svc.aclose()
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) == 3
+    assert gaps[0] >= 0.2 and gaps[1] >= 0.4, gaps  # 0.2 s, then 0.4 s
+    assert svc.backoff(1) == 0.2 and svc.backoff(10) == 10.0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ChoreographedService("alpha", transport, f"sqlite:///{tmp_path}/x.db", flow=FLOW,
+                             retry_backoff=-1)

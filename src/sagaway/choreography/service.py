@@ -42,7 +42,9 @@ is not run: it is recorded as fenced and emits nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -73,6 +75,8 @@ SERVICE_HEADER = "sagaway-service"
 """Header naming the service that emitted an event."""
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("sagaway.choreography")
 
 _FENCED = {"ok": False, "fenced": True, "emit": None,
            "error": "undone before it was applied: not applied"}
@@ -145,7 +149,10 @@ class ChoreographedService(Participant):
         flow: the :class:`~sagaway.choreography.Choreography`.
 
     The other keywords are :class:`~sagaway.participant.Participant`'s (prefetch,
-    max_deliveries, dead_letter, relay_interval, outbox_retention, grace).
+    max_deliveries, dead_letter, relay_interval, outbox_retention, grace), and
+    ``retry_backoff`` / ``max_backoff``: a handler that raised holds its event
+    ``retry_backoff * 2**(attempt-1)`` seconds (at most ``max_backoff``) before the broker
+    redelivers it; the ``max_deliveries``-th failure dead-letters it at once.
 
     Raises:
         DefinitionError: the service takes no part in the flow.
@@ -164,7 +171,13 @@ class ChoreographedService(Participant):
         relay_interval: float = 1.0,
         outbox_retention: float | None = 3600.0,
         grace: float | None = DEFAULT_GRACE,
+        retry_backoff: float = 0.2,
+        max_backoff: float = 10.0,
     ) -> None:
+        if retry_backoff < 0 or max_backoff < 0:
+            raise ValueError("retry_backoff and max_backoff must be >= 0 seconds")
+        self.retry_backoff = retry_backoff
+        self.max_backoff = max_backoff
         self.flow = flow
         self.name = service
         self._reactions = flow.reactions(service)
@@ -299,11 +312,26 @@ class ChoreographedService(Participant):
             raise CommandRejected(f"event {env.type!r} {env.id} carries no run_id (saga id)")
         fn, is_async = entry
         key, fence = self._key(reaction, env.run_id)
-        await self._apply(
-            delivery, fn, is_async, key=key, fence=fence,
-            outcome=lambda e, result: self._outcome(reaction, e, result),
-            messages=lambda reply: self._messages(env.run_id or "", env, reply),
-        )
+        try:
+            await self._apply(
+                delivery, fn, is_async, key=key, fence=fence,
+                outcome=lambda e, result: self._outcome(reaction, e, result),
+                messages=lambda reply: self._messages(env.run_id or "", env, reply),
+            )
+        except Exception as exc:
+            if delivery.attempt < self.max_deliveries:
+                # Brokers redeliver at once; hold the event (unacknowledged) first, so a
+                # dependency that is down gets time to come back before the next attempt.
+                delay = self.backoff(delivery.attempt)
+                log.info("service %s: %s for run %s failed (attempt %d), retrying in "
+                         "%.2fs: %s", self.name, env.type, env.run_id, delivery.attempt,
+                         delay, exc)
+                await asyncio.sleep(delay)
+            raise
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` before the event is redelivered."""
+        return float(min(self.retry_backoff * 2.0 ** (attempt - 1), self.max_backoff))
 
     def _key(self, reaction: Reaction, run_id: str
              ) -> tuple[str, tuple[str, dict[str, Any]] | None]:
