@@ -16,6 +16,7 @@ from rich.text import Text
 
 from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
 from sagaway.cli import render
+from sagaway.cli.choreography import choreography_app, demo_choreography
 from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
 from sagaway.cli.remote import AdminClient, RemoteError
 from sagaway.engine.worker import load_app, serve
@@ -267,6 +268,11 @@ def migrate(store: Store = DEFAULT_STORE) -> None:
         out.print(f"applied {len(applied)} migration(s) to {where}: {', '.join(applied)}")
     else:
         out.print(f"the saga log at {where} is up to date")
+
+
+app.add_typer(choreography_app, name="choreography")
+# A stopgap until ``sagaway demo ecommerce --style choreography`` exists (branch http).
+app.command("demo-choreography")(demo_choreography)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ _KINDS: Mapping[str, tuple[str, str, str]] = {
     "compensation.gave_up": ("✘", "bold red", "compensation gave up"),
     "compensation.interrupted": ("↯", "magenta", "compensation interrupted"),
     "event.ignored": ("·", "bright_black", "ignored"),
+    "run.stuck": ("⏸", "bold red", "stuck: no event within the flow's deadline"),
     "run.submitted": ("·", "bright_black", "run submitted (waiting for a worker)"),
     "operator.requested": ("✋", "bold blue", "operator request recorded"),
     "operator.retry": ("✋", "bold blue", "operator: retry"),

@@ -76,10 +76,12 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self, key: str, reply: dict[str, Any] | None, *, undo: bool,
+        messages: Sequence[tuple[str, str]],
     ) -> None:
         """Roll back to the savepoint if ``undo``; record ``reply`` for ``key`` (``None``:
-        it is already recorded); enqueue ``body`` for ``destination``; commit."""
+        it is already recorded); enqueue each ``(destination, body)`` of ``messages`` (a
+        command's reply; a choreographed event, once per consumer); commit."""
 
 
 class Database(abc.ABC):

@@ -28,7 +28,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -282,12 +282,35 @@ class Participant:
         fence = None
         if key.endswith(":compensation"):
             fence = (key.removesuffix(":compensation") + ":action", FENCED_ACTION)
+        await self._apply(
+            delivery, fn, is_async, key=key, fence=fence, outcome=self._success,
+            messages=lambda reply: [(reply_to, self._reply(env, reply))],
+        )
+
+    async def _apply(
+        self,
+        delivery: Delivery,
+        fn: Callable[[Command], Any],
+        is_async: bool,
+        *,
+        key: str,
+        fence: tuple[str, dict[str, Any]] | None,
+        outcome: Callable[[Envelope, Any], tuple[dict[str, Any], bool]],
+        messages: Callable[[dict[str, Any]], Sequence[tuple[str, str]]],
+    ) -> None:
+        """Apply one message once: the handler's changes, the inbox record for ``key`` and
+        the ``messages(recorded reply)`` (destination, body) commit in one transaction; a
+        key recorded before sends its messages again without running the handler.
+
+        ``outcome(envelope, result)`` turns the handler's result into (reply, undo);
+        :meth:`_refused` does the same for a NonRetryableError. Subclasses (choreographed
+        services) reuse this with their own keys, outcomes and messages.
+        """
+        env = delivery.envelope
         async with self.db.transaction() as tx:
             recorded = await tx.claim(key, fence=fence)
-            if recorded is not None:  # applied before: answer the same again
-                await tx.commit(
-                    key, None, undo=False, destination=reply_to, body=self._reply(env, recorded)
-                )
+            if recorded is not None:  # applied before: send the same again
+                await tx.commit(key, None, undo=False, messages=messages(recorded))
             else:
                 cmd = Command(
                     type=env.type,
@@ -305,13 +328,15 @@ class Participant:
                     else:
                         result = await tx.call_sync(lambda conn: _call_sync(fn, cmd, conn))
                 except NonRetryableError as exc:
-                    reply, undo = {"ok": False, "error": _describe(exc), "retryable": False}, True
+                    reply, undo = self._refused(env, exc)
                 else:
-                    reply, undo = self._success(env, result)
-                await tx.commit(
-                    key, reply, undo=undo, destination=reply_to, body=self._reply(env, reply)
-                )
+                    reply, undo = outcome(env, result)
+                await tx.commit(key, reply, undo=undo, messages=messages(reply))
         self.relay.wake()
+
+    def _refused(self, env: Envelope, exc: NonRetryableError) -> tuple[dict[str, Any], bool]:
+        """The reply recording a business "no" (its changes undone)."""
+        return {"ok": False, "error": _describe(exc), "retryable": False}, True
 
     def _success(self, env: Envelope, result: Any) -> tuple[dict[str, Any], bool]:
         """The ok reply, or — when the result cannot be sent — a failure, its changes undone

@@ -78,7 +78,8 @@ WITH recorded AS (
     UPDATE sagaway_inbox SET reply = $2::text::json
     WHERE idempotency_key = $1 AND $2::text IS NOT NULL
 )
-INSERT INTO sagaway_participant_outbox (destination, body, created_at) VALUES ($3, $4, $5)
+INSERT INTO sagaway_participant_outbox (destination, body, created_at)
+SELECT m.destination, m.body, $5 FROM unnest($3::text[], $4::text[]) AS m(destination, body)
 """
 _ENDED = (
     "the handler ended the command's transaction (COMMIT or ROLLBACK on cmd.db), so its "
@@ -317,7 +318,8 @@ class _PostgresTransaction(Transaction):
             raise
 
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self, key: str, reply: dict[str, Any] | None, *, undo: bool,
+        messages: Sequence[tuple[str, str]],
     ) -> None:
         conn = self.connection
         if self._sync is not None:
@@ -328,7 +330,8 @@ class _PostgresTransaction(Transaction):
         try:
             if self._savepoint is not None:
                 await (self._savepoint.rollback() if undo else self._savepoint.commit())
-            await conn.execute(_COMMIT_SQL, key, text, destination, body, time.time())
+            await conn.execute(_COMMIT_SQL, key, text, [m[0] for m in messages],
+                               [m[1] for m in messages], time.time())
             await self._tx.commit()
         except _ERRORS as exc:
             raise self._db._error("committing a command", exc) from exc

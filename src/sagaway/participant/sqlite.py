@@ -283,7 +283,8 @@ class _SQLiteTransaction(Transaction):
         return await self._db._call(fn, wrap=False)
 
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self, key: str, reply: dict[str, Any] | None, *, undo: bool,
+        messages: Sequence[tuple[str, str]],
     ) -> None:
         def commit(conn: sqlite3.Connection) -> None:
             if not conn.in_transaction:
@@ -296,10 +297,10 @@ class _SQLiteTransaction(Transaction):
                     "INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
                     (key, json.dumps(reply, separators=(",", ":")), now),
                 )
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO sagaway_participant_outbox (destination, body, created_at) "
                 "VALUES (?, ?, ?)",
-                (destination, body, now),
+                [(destination, body, now) for destination, body in messages],
             )
             conn.execute("COMMIT")
 
