@@ -1134,8 +1134,8 @@ class SagaTask(celery.Task):  # type: ignore[misc]  # celery ships no type infor
                    answer: Mapping[str, Any]) -> None:
             try:
                 inbox.run(tx.commit(call.key, None if reply is None else dict(reply),
-                                    undo=undo, destination=call.reply_to,
-                                    body=call.reply_body(answer)[1].decode()))
+                                    undo=undo, messages=[
+                                        (call.reply_to, call.reply_body(answer)[1].decode())]))
             except (StoreError, TimeoutError) as exc:
                 raise self.retry(exc=exc, countdown=1, max_retries=self.saga_reply_retries
                                  ) from exc
