@@ -20,6 +20,8 @@ FAST = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.01)
 ONCE = RetryPolicy(max_attempts=1)
 CANARY = "4929123456789012"
 """A card number that must never leave the saga log."""
+AUTH_CANARY = "auth-7f3a9c51e2"
+"""An authorisation code the charge step returns (a sensitive result)."""
 
 log = logging.getLogger("shop.steps")
 
@@ -46,7 +48,7 @@ def shop_saga(*, sensitive: list[str] | None = None, name: str = "shop") -> Saga
         log.info("charging card %s", data["card"]["number"])
         if data.get("decline"):
             raise NonRetryableError(f"card {data['card']['number']} declined by the bank")
-        return {"charge": "ch-1"}
+        return {"charge": "ch-1", "auth_code": AUTH_CANARY}
 
     @charge.compensation
     async def refund(ctx: StepContext, data: dict[str, Any], result: Any) -> None:

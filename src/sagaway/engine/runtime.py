@@ -801,7 +801,8 @@ class Orchestrator:
             try:
                 listener.on_transition(transition)
             except Exception:
-                log.exception("listener %r failed on run %s", listener, d.run_id)
+                log.exception("listener %r failed on run %s", listener, d.run_id,
+                              extra={"run_id": d.run_id, "saga": d.saga.name})
 
     # -- command steps ----------------------------------------------------------------------
 
@@ -839,7 +840,9 @@ class Orchestrator:
                 extra: Mapping[str, str] | None = listener.on_invoke(invocation)
             except Exception:
                 log.exception("listener %r failed on invoke of %s/%s", listener,
-                              invocation.run_id, invocation.step)
+                              invocation.run_id, invocation.step,
+                              extra={"run_id": invocation.run_id, "saga": invocation.saga,
+                                     "step": invocation.step, "attempt": invocation.attempt})
                 continue
             if extra:
                 headers.update(extra)
