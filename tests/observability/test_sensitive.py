@@ -220,3 +220,15 @@ def test_masker_reads_the_paths_from_the_run_record() -> None:
     # Without the record's paths, nothing says "number" is secret.
     bare = Masker().run(replace(run, history=()))
     assert CANARY in repr(bare.input)
+
+
+async def test_the_admin_command_refuses_a_malformed_sensitive_path(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sagaway.cli", "admin", "--store", f"sqlite:///{tmp_path}/a.db",
+        "--sensitive-path", "card..number", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "card..number" in err.decode() and "empty part" in err.decode()

@@ -72,7 +72,7 @@ _FINISHED = {
     SagaStatus.FAILED.value: "failed",
     SagaStatus.RESOLVED.value: "resolved",
 }
-_MAX_OPEN_ATTEMPTS = 100_000
+_MAX_OPEN_RUNS = 100_000
 
 
 def _prometheus() -> Any:
@@ -231,8 +231,9 @@ class PrometheusMetrics(Listener):
         self.dead_letters = prom.Counter(
             "sagaway_messages_dead_lettered", "Messages this process's consumers gave up on "
             "and published to a dead-letter destination.", ["source"], registry=r)
-        self._open: dict[tuple[str, str, str, int], float] = {}
-        self._children: dict[tuple[str, ...], Any] = {}
+        # When each attempt in flight started, by run: (step, phase, attempt) -> time.
+        self._open: dict[str, dict[tuple[str, str, int], float]] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -282,7 +283,7 @@ class PrometheusMetrics(Listener):
     # -- the listener ---------------------------------------------------------------------
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (str(id(metric)), *labels)
+        key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
@@ -294,16 +295,19 @@ class PrometheusMetrics(Listener):
             phase, _, what = e.kind.partition(".")
             if phase in ("step", "compensation") and e.step is not None:
                 phase = "action" if phase == "step" else phase
-                key = (transition.run_id, e.step, phase, e.attempt or 0)
+                key = (e.step, phase, e.attempt or 0)
                 if what == "started":
                     self._child(self.step_attempts, saga, e.step, phase).inc()
-                    if len(self._open) >= _MAX_OPEN_ATTEMPTS:
-                        self._open.pop(next(iter(self._open)))
-                    self._open[key] = e.at
+                    attempts = self._open.get(transition.run_id)
+                    if attempts is None:
+                        if len(self._open) >= _MAX_OPEN_RUNS:  # runs that ended elsewhere
+                            self._open.pop(next(iter(self._open)))
+                        attempts = self._open[transition.run_id] = {}
+                    attempts[key] = e.at
                 elif what in _ENDINGS:
                     if what != "succeeded":
                         self._child(self.step_failures, saga, e.step, phase).inc()
-                    started = self._open.pop(key, None)
+                    started = self._open.get(transition.run_id, {}).pop(key, None)
                     if started is not None:
                         self._child(self.step_duration, saga, e.step, phase,
                                     _ENDINGS[what]).observe(max(e.at - started, 0.0))
@@ -324,8 +328,7 @@ class PrometheusMetrics(Listener):
         self._forget(run_id)
 
     def _forget(self, run_id: str) -> None:
-        for key in [k for k in self._open if k[0] == run_id]:
-            del self._open[key]
+        self._open.pop(run_id, None)
 
     def _on_dead_letter(self, dead: DeadLetter) -> None:
         self._child(self.dead_letters, dead.source).inc()

@@ -82,7 +82,8 @@ class TracingListener(Listener):
         self._propagator = propagator or propagator_cls()
         self.max_open_runs = max_open_runs
         self._runs: dict[str, Any] = {}
-        self._steps: dict[tuple[str, str, bool, int], Any] = {}
+        # Open attempt spans, by run: (step, compensating, attempt) -> span.
+        self._steps: dict[str, dict[tuple[str, bool, int], Any]] = {}
 
     # -- spans ----------------------------------------------------------------------------
 
@@ -98,8 +99,8 @@ class TracingListener(Listener):
 
     def _step_span(self, run_id: str, saga: str, step: str, attempt: int,
                    compensating: bool) -> Any:
-        key = (run_id, step, compensating, attempt)
-        span = self._steps.get(key)
+        key = (step, compensating, attempt)
+        span = self._steps.get(run_id, {}).get(key)
         if span is None:
             parent = self._trace.set_span_in_context(self._run_span(run_id, saga))
             verb = "compensate" if compensating else "step"
@@ -108,13 +109,12 @@ class TracingListener(Listener):
                 attributes={"sagaway.saga": saga, "sagaway.run_id": run_id,
                             "sagaway.step": step, "sagaway.attempt": attempt,
                             "sagaway.phase": "compensation" if compensating else "action"})
-            self._steps[key] = span
+            self._steps.setdefault(run_id, {})[key] = span
         return span
 
     def _end_run(self, run_id: str, *, outcome: str | None = None,
                  status: str | None = None) -> None:
-        for key in [k for k in self._steps if k[0] == run_id]:
-            span = self._steps.pop(key)
+        for span in self._steps.pop(run_id, {}).values():
             span.set_attribute("sagaway.outcome", outcome or "unfinished")
             span.end()
         span = self._runs.pop(run_id, None)
@@ -146,7 +146,7 @@ class TracingListener(Listener):
                 span = self._step_span(run_id, saga, e.step, e.attempt or 0, compensating)
                 if what == "started":
                     continue
-                self._steps.pop((run_id, e.step, compensating, e.attempt or 0), None)
+                self._steps.get(run_id, {}).pop((e.step, compensating, e.attempt or 0), None)
                 span.set_attribute("sagaway.outcome", what)
                 data = e.data or {}
                 if data.get("maybe_applied"):
