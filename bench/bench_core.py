@@ -111,6 +111,23 @@ async def fresh_store(variant: str, *, tmpdir: str | None, pg_url: str | None,
 # -- one worker process ----------------------------------------------------------------------
 
 
+def observers() -> tuple[list[Any], Any]:
+    """``--observe``: the listeners a production worker would run (children read the env)."""
+    level = os.environ.get("SAGAWAY_BENCH_OBSERVE", "")
+    if not level:
+        return [], None
+    from sagaway.observability import PrometheusMetrics, TracingListener, configure_logging
+
+    configure_logging("INFO", fmt="json", stream=open(os.devnull, "w"))  # noqa: SIM115
+    metrics = PrometheusMetrics()
+    listeners: list[Any] = [metrics]
+    if level == "all":
+        from opentelemetry.sdk.trace import TracerProvider
+
+        listeners.append(TracingListener(TracerProvider()))  # spans recorded, not exported
+    return listeners, metrics
+
+
 async def run_worker(spec: dict[str, Any], barrier: Callable[[], Awaitable[None]] | None
                      ) -> dict[str, Any]:
     """One Orchestrator with ``spec['concurrency']`` coroutines: warm up, wait at the barrier
@@ -124,7 +141,10 @@ async def run_worker(spec: dict[str, Any], barrier: Callable[[], Awaitable[None]
             return f"run {run.id} ended {run.status}, expected {expected}: {run.error}"
         return None
 
-    async with Orchestrator(spec["url"], sagas=bench_sagas()) as orch:
+    listeners, metrics = observers()
+    async with Orchestrator(spec["url"], sagas=bench_sagas(), listeners=listeners) as orch:
+        if metrics is not None:
+            metrics.watch(orch)
         if spec["warmup"] > 0:
             await closed_loop(one, spec["concurrency"], spec["warmup"])
         gc.collect()
@@ -559,6 +579,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tmpdir", default=None,
                         help="where the SQLite file goes (default: the system temp dir); "
                              "must be a real disk for FULL to mean anything, not tmpfs")
+    parser.add_argument("--observe", choices=["metrics", "all"], default=None,
+                        help="attach PrometheusMetrics and JSON logging (to /dev/null) to each "
+                             "worker; 'all' adds a TracingListener (SDK provider, no export)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write results as JSON to PATH; '-' prints JSON to stdout "
                              "(the tables then go to stderr)")
@@ -567,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
                              "profilers); peak RSS is then cumulative")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.observe:
+        os.environ["SAGAWAY_BENCH_OBSERVE"] = args.observe  # the workers are child processes
 
     if args._child:
         child_main(args._child[0], json.loads(args._child[1]))

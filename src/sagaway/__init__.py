@@ -5,6 +5,7 @@ The public API; everything else is internal unless documented.
 
 from sagaway.definition.retry import RetryPolicy
 from sagaway.definition.saga import Saga, Step, StepContext, StepKind
+from sagaway.definition.sensitive import Redactor, redact
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.decider import OPERATOR_ALLOWED
 from sagaway.engine.listener import Invocation, Listener, Transition
@@ -50,6 +51,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as tests/unit/test_public_api.py p
     "Orchestrator",
     "OrchestratorClosed",
     "PayloadTooLarge",
+    "Redactor",
     "RetryPolicy",
     "RunHandle",
     "RunNotFound",
@@ -69,4 +71,5 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as tests/unit/test_public_api.py p
     "UnknownSaga",
     "WaitTimeout",
     "open_store",
+    "redact",
 ]

@@ -22,6 +22,7 @@ EXPECTED_ALL = [
     "Orchestrator",
     "OrchestratorClosed",
     "PayloadTooLarge",
+    "Redactor",
     "RetryPolicy",
     "RunHandle",
     "RunNotFound",
@@ -41,6 +42,7 @@ EXPECTED_ALL = [
     "UnknownSaga",
     "WaitTimeout",
     "open_store",
+    "redact",
 ]
 
 ISSUE_NAMES = [

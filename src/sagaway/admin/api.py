@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,6 +91,7 @@ class AdminState:
         self.auth = auth
         self.masker = masker
         self.stuck_after = stuck_after
+        self._metrics: Any = None
         self._ready = False
         self._lock: asyncio.Lock | None = None
 
@@ -117,8 +118,28 @@ class AdminState:
             return None
 
     def detail(self, run: SagaRun) -> RunDetail:
-        return views.detail(run, self.masker, now=self.orchestrator.clock.now(),
-                            stuck_after=self.stuck_after, definition=self.definition(run))
+        definition = self.definition(run)
+        return views.detail(self.masker.run(run, definition), self.masker,
+                            now=self.orchestrator.clock.now(), stuck_after=self.stuck_after,
+                            definition=definition)
+
+    def masked(self, run: SagaRun) -> SagaRun:
+        return self.masker.run(run, self.definition(run))
+
+    def metrics(self) -> Any:
+        """The PrometheusMetrics /metrics renders: the orchestrator's own listener if it has
+        one (an in-process worker), else one that reports the store gauges. Raises
+        ImportError without prometheus_client."""
+        if self._metrics is None:
+            from sagaway.observability.metrics import PrometheusMetrics
+
+            orch = self.orchestrator
+            found = next((m for m in orch.listeners if isinstance(m, PrometheusMetrics)), None)
+            metrics = found or PrometheusMetrics(stuck_after=self.stuck_after)
+            metrics.watch_store(orch.store, clock=orch.clock.now,
+                                sagas=[s.name for s in orch.sagas])
+            self._metrics = metrics
+        return self._metrics
 
 
 def _state(request: Request) -> AdminState:
@@ -203,6 +224,25 @@ def _add_routes(app: FastAPI) -> None:
         await (await _state(request).orch()).list(limit=1)
         return Health(status="ok")
 
+    @app.get("/metrics", tags=["meta"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}},
+                              "description": "Prometheus text exposition."},
+                        501: {"model": ErrorBody}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: the store's gauges (runs in flight, stuck, awaiting an
+        operator, outbox backlog) and, with an in-process worker, its counters. No token
+        needed unless the app was made with ``metrics_auth=True``; no label holds a run id
+        or payload data."""
+        state = _state(request)
+        await state.orch()
+        try:
+            exporter = state.metrics()
+        except ImportError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=501)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await exporter.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/api/whoami", response_model=WhoAmI, tags=["auth"], dependencies=bearer,
              responses=_AUTH_ERRORS)
     async def whoami(request: Request) -> WhoAmI:
@@ -249,8 +289,8 @@ def _add_routes(app: FastAPI) -> None:
         page = found[:limit]
         now = orch.clock.now()
         return RunPage(
-            runs=[views.summary(r, state.masker, now=now, stuck_after=state.stuck_after)
-                  for r in page],
+            runs=[views.summary(state.masked(r), state.masker, now=now,
+                                stuck_after=state.stuck_after) for r in page],
             next_cursor=encode_cursor(page[-1]) if len(found) > limit else None,
         )
 
@@ -308,6 +348,8 @@ def create_app(
     stuck_after: float = 300.0,
     static_dir: str | FilePath | None = STATIC_DIR,
     sagas: Iterable[Saga] = (),
+    sensitive_paths: Iterable[str] = (),
+    metrics_auth: bool = False,
 ) -> FastAPI:
     """The admin API (and dashboard) as an ASGI app.
 
@@ -322,6 +364,11 @@ def create_app(
         stuck_after: an active run with no transition for this many seconds is stuck.
         static_dir: the dashboard's files, served at ``/`` (None serves none).
         sagas: with a store URL, definitions to read step kinds from (never driven).
+        sensitive_paths: payload paths (``card.number``) masked in every run, on top of
+            those its saga declares (``Saga(sensitive=…)``, recorded on each run).
+        metrics_auth: ``/metrics`` needs a viewer token too. Off by default: it holds only
+            counts by saga, step and status, and most scrapers send no token (Prometheus
+            can: ``authorization: {credentials: …}`` in the scrape config).
     """
     if stuck_after <= 0:
         raise ValueError("stuck_after must be > 0 seconds")
@@ -329,7 +376,8 @@ def create_app(
     target = orchestrator_or_store_url
     state = AdminState(
         Orchestrator(target, sagas=sagas, worker=False) if isinstance(target, str) else target,
-        owned=isinstance(target, str), auth=auth, masker=Masker(sensitive_fields),
+        owned=isinstance(target, str), auth=auth,
+        masker=Masker(sensitive_fields, paths=sensitive_paths),
         stuck_after=stuck_after,
     )
 
@@ -355,5 +403,6 @@ def create_app(
     if static_dir is not None:
         app.mount("/", StaticFiles(directory=static_dir, html=True, check_dir=False),
                   name="dashboard")
-    app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(AuthMiddleware, auth=auth,
+                       protected=("/metrics",) if metrics_auth else ())
     return app

@@ -32,16 +32,19 @@ _HEADERS = [
 class AuthMiddleware:
     """Resolves the caller's Principal (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, auth: TokenAuth) -> None:
+    def __init__(self, app: ASGIApp, *, auth: TokenAuth, protected: tuple[str, ...] = ()
+                 ) -> None:
         self.app = app
         self.auth = auth
+        self.protected = protected
+        """Paths outside /api that need a token too (``/metrics`` with metrics_auth)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        api = path == "/api" or path.startswith("/api/")
+        api = path == "/api" or path.startswith("/api/") or path in self.protected
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

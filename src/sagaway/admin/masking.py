@@ -6,13 +6,24 @@ or has one as a ``_``-separated part at its start or end (``password``, ``db_pas
 ``"***"``. Free text (errors, reasons) is masked twice over: ``name=value`` / ``name: value``
 / ``"name": "value"`` pairs, and any literal value that appears under a sensitive field
 elsewhere in the same run (a card number that an exception message repeats).
+
+On top of the names, a saga's declared sensitive paths (``Saga(sensitive=["card.number"])``)
+are masked wherever they point, whatever the field is called: :meth:`Masker.run` reads them
+from the definition when there is one, and otherwise from the run's own ``run.started``
+history entry, so a reader with no saga definitions (the CLI, a standalone admin server)
+masks them too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from sagaway import Saga, SagaRun
+from sagaway.definition.sensitive import Redactor
+from sagaway.errors import DefinitionError
 
 __all__ = ["DEFAULT_SENSITIVE_FIELDS", "MASK", "Masker"]
 
@@ -54,9 +65,10 @@ def normalise(name: str) -> str:
 class Masker:
     """Masks sensitive fields (by name) and their values (in free text) in JSON data."""
 
-    def __init__(self, extra: Iterable[str] = ()) -> None:
+    def __init__(self, extra: Iterable[str] = (), *, paths: Iterable[str] = ()) -> None:
         names = {normalise(n) for n in (*DEFAULT_SENSITIVE_FIELDS, *extra) if n.strip()}
         self.fields: frozenset[str] = frozenset(names)
+        self.paths: tuple[str, ...] = Redactor(paths).paths  # validated now
         self._seen: dict[str, bool] = {}
         # Any ``name=value`` / ``name: value`` pair in text; the name decides (is_sensitive).
         self._pairs = re.compile(
@@ -128,3 +140,51 @@ class Masker:
             return v
 
         return walk(value)
+
+    def redactor(self, run: SagaRun, definition: Saga | None = None) -> Redactor:
+        """The sensitive paths of this run: configured, declared by its definition, and
+        recorded in its ``run.started`` entry."""
+        paths = list(self.paths)
+        if definition is not None:
+            paths += definition.sensitive
+        for entry in run.history:
+            if entry.kind == "run.started" and entry.data:
+                recorded = entry.data.get("sensitive")
+                if isinstance(recorded, list):
+                    paths += [p for p in recorded if isinstance(p, str)]
+        try:
+            return Redactor(paths)
+        except DefinitionError:  # a hand-edited record: keep the paths that parse
+            good = []
+            for p in paths:
+                try:
+                    good.append(Redactor([p]).paths[0])
+                except DefinitionError:
+                    continue
+            return Redactor(good)
+
+    def run(self, run: SagaRun, definition: Saga | None = None) -> SagaRun:
+        """A copy of a run snapshot with every sensitive field and value masked: input,
+        results, each step's result and error, the error, the request and the timeline."""
+        r = self.redactor(run, definition)
+        history_data = [h.data for h in run.history if h.data]
+        secrets = self.secrets(run.input, run.results, run.steps or {}, history_data)
+        secrets |= r.secrets(run.input, run.results)
+        steps = None
+        if run.steps is not None:
+            steps = {}
+            for name, state in run.steps.items():
+                state = dict(state)
+                if "result" in state:
+                    state["result"] = r.results({name: state["result"]})[name]
+                steps[name] = self.data(state, secrets)
+        return dataclasses.replace(
+            run,
+            input=self.data(r.input(run.input), secrets),
+            results=self.data(r.results(run.results), secrets),
+            error=None if run.error is None else self.text(run.error, secrets),
+            history=tuple(dataclasses.replace(h, data=self.data(h.data, secrets))
+                          if h.data else h for h in run.history),
+            steps=steps,
+            request=None if run.request is None else self.data(run.request, secrets),
+        )

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from sagaway import Orchestrator, SagaRun
+from sagaway import Orchestrator, SagaRun, SagawayError
 from sagaway.admin.auth import Token, is_loopback, load_tokens
 from sagaway.cli.app import (
     DEFAULT_STORE,
@@ -128,6 +128,13 @@ def serve_admin(
         "--sensitive-field", metavar="NAME",
         help="Mask this payload field too (repeatable), on top of card_number, cvv, "
              "password, secret, token, iban, account_number, ssn, …")] = None,
+    sensitive_path: Annotated[list[str] | None, typer.Option(
+        "--sensitive-path", metavar="PATH",
+        help="Mask this payload path too (repeatable), e.g. card.number, items.*.card, "
+             "results.charge.token; paths a saga declares are masked anyway.")] = None,
+    metrics_auth: Annotated[bool, typer.Option(
+        "--metrics-auth", help="/metrics needs a viewer token too (by default it needs "
+                               "none: it holds counts only).")] = False,
     stuck_after: Annotated[float, typer.Option(
         "--stuck-after", min=1, help="An active run with no transition for this many "
                                      "seconds is listed as stuck.")] = 300.0,
@@ -165,8 +172,13 @@ def serve_admin(
             sagas = load_app(app_spec).sagas
         except (ImportError, ValueError) as exc:
             raise typer.BadParameter(str(exc), param_hint="--app") from exc
-    application = create_app(store, tokens=tokens, sensitive_fields=sensitive_field or (),
-                             stuck_after=stuck_after, sagas=sagas)
+    try:
+        application = create_app(store, tokens=tokens, sensitive_fields=sensitive_field or (),
+                                 stuck_after=stuck_after, sagas=sagas,
+                                 sensitive_paths=sensitive_path or (),
+                                 metrics_auth=metrics_auth)
+    except SagawayError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--sensitive-path") from exc
     out.print(_banner(host, port, store, tokens), soft_wrap=True)
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

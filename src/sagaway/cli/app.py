@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -15,11 +14,13 @@ from rich.console import Console
 from rich.text import Text
 
 from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
+from sagaway.admin.masking import Masker
 from sagaway.cli import render
 from sagaway.cli.choreography import choreography_app, demo_choreography
 from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
 from sagaway.cli.remote import AdminClient, RemoteError
 from sagaway.engine.worker import load_app, serve
+from sagaway.observability.logs import configure_logging
 from sagaway.store import open_store
 
 __all__ = ["app", "main"]
@@ -49,6 +50,13 @@ class DemoStep(enum.StrEnum):
 
 
 assert tuple(DemoStep) == STEPS
+
+class LogFormat(enum.StrEnum):
+    """``sagaway worker --log-format``."""
+
+    text = "text"
+    json = "json"
+
 
 Store = Annotated[
     str,
@@ -189,7 +197,7 @@ def runs(
             async with Orchestrator(store, worker=False) as orch:
                 return await orch.list(status=statuses or None, saga=saga, limit=limit)
 
-        found = _run(go())
+        found = [Masker().run(r) for r in _run(go())]
     if not found:
         out.print(Text("no runs match", style="bright_black"))
         return
@@ -218,7 +226,8 @@ def show(
         async with Orchestrator(store, worker=False) as orch:
             return await orch.get(run_id)
 
-    out.print(render.run_details(_run(go())))
+    # Masked as the admin API masks it: sensitive names, and the run's declared paths.
+    out.print(render.run_details(Masker().run(_run(go()))))
 
 
 @app.command()
@@ -231,21 +240,35 @@ def worker(
     ],
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING…")]
     = "INFO",
+    log_format: Annotated[LogFormat, typer.Option(
+        "--log-format", help="text, or json: one object per line with run_id, saga, step "
+                             "and attempt.")] = LogFormat.text,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, metavar="PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 9464); needs "
+             "sagaway[prometheus].")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        "--metrics-host", help="The address --metrics-port listens on.")] = "0.0.0.0",
 ) -> None:
     """Run a worker: drive and recover runs of your sagas until SIGTERM or SIGINT.
 
     Several workers on one PostgreSQL saga log share the work through leases. On SIGTERM the
     worker releases its leases so the others resume its runs at once.
     """
-    logging.basicConfig(
-        stream=sys.stderr, level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
+    try:
+        configure_logging(log_level, fmt=log_format.value, stream=sys.stderr)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-level") from exc
+    if metrics_port is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            _fail("--metrics-port needs prometheus_client: pip install 'sagaway[prometheus]'")
     try:
         orch = load_app(app_spec)
     except (ImportError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--app") from exc
-    _run(serve(orch))
+    _run(serve(orch, metrics_port=metrics_port, metrics_host=metrics_host))
 
 
 @app.command()

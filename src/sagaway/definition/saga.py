@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, overload
@@ -18,6 +18,7 @@ from sagaway.definition.retry import (
     DEFAULT_RETRIABLE_RETRY,
     RetryPolicy,
 )
+from sagaway.definition.sensitive import Redactor
 from sagaway.errors import DefinitionError
 
 __all__ = ["Command", "Saga", "Step", "StepContext", "StepKind"]
@@ -226,9 +227,13 @@ class Saga:
     """A saga definition: a name, a version, and an ordered list of steps.
 
     Steps run in declaration order; ``parallel(a, b, …)`` groups steps to run concurrently.
+    ``sensitive`` lists payload paths that must never be shown (see
+    :mod:`sagaway.definition.sensitive`): they are masked as ``***`` everywhere sagaway
+    reports on a run, and their values are cut out of error messages.
     """
 
-    def __init__(self, name: str, *, version: int = 1, description: str = "") -> None:
+    def __init__(self, name: str, *, version: int = 1, description: str = "",
+                 sensitive: Iterable[str] = ()) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise DefinitionError(
                 f"saga name {name!r} is not valid: use letters, digits, '_', '.', '-' "
@@ -239,6 +244,12 @@ class Saga:
         self.name = name
         self.version = version
         self.description = description
+        if isinstance(sensitive, str):
+            sensitive = [sensitive]
+        self.redactor = Redactor(sensitive)  # validates the paths
+        self.sensitive: tuple[str, ...] = self.redactor.paths
+        """Payload paths hidden from logs, spans, metrics, errors and the operator views
+        (``card.number``, ``items.*.card``, ``results.charge.token``)."""
         self._steps: dict[str, Step] = {}
         # Each stage is a tuple of step names that run concurrently; most stages hold one.
         self._stages: list[tuple[str, ...]] = []

@@ -250,7 +250,10 @@ class _Decider:
             self.ignore(event, "the run has already started")
             return
         self.state.status = SagaStatus.RUNNING
-        self.log("run.started", saga=self.saga.name, version=self.saga.version)
+        # The sensitive paths go on the record, so readers without the definition (the CLI,
+        # the admin API) know what to mask.
+        self.log("run.started", saga=self.saga.name, version=self.saga.version,
+                 sensitive=list(self.saga.sensitive) or None)
         self.start_stage(0)
 
     def current_step(self, event: ActionSucceeded | ActionFailed | CompensationSucceeded

@@ -8,12 +8,13 @@ a metrics or tracing library. A listener that raises is logged and otherwise ign
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
 from sagaway.run import HistoryEntry, SagaStatus
 
-__all__ = ["Invocation", "Listener", "Transition"]
+__all__ = ["Invocation", "Listener", "RunContext", "Transition", "current_run"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,8 @@ class Transition:
     entries: tuple[HistoryEntry, ...]
     seq: int
     """How many transitions of this run this worker has committed (1 = its first)."""
+    created_at: float | None = None
+    """When the run was started (for run durations on a worker that did not start it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,27 @@ class Invocation:
     compensating: bool
     kind: Literal["local", "http", "command"]
     """How it is carried out: a function in this process, an HTTP call, or a message."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """Which run (and step attempt) the code running now works for.
+
+    Set by the runtime while it drives a run and around each attempt of a local step (sync
+    steps on threads included), so log records and spans can say which run they belong to.
+    """
+
+    run_id: str
+    saga: str
+    step: str | None = None
+    attempt: int | None = None
+    compensating: bool = False
+    secrets: frozenset[str] = frozenset()
+    """The values of the run's sensitive fields: log handlers cut them out of messages."""
+
+
+current_run: ContextVar[RunContext | None] = ContextVar("sagaway_current_run", default=None)
+"""The run the current task or thread is working for, if any (see ``RunContext``)."""
 
 
 class Listener:

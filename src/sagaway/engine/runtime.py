@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import inspect
 import logging
@@ -33,7 +35,7 @@ from sagaway.definition.saga import Saga, StepContext, idempotency_key
 from sagaway.engine.clock import Clock, SystemClock
 from sagaway.engine.committer import GroupCommitter
 from sagaway.engine.decider import OPERATOR_ALLOWED, decide
-from sagaway.engine.listener import Invocation, Listener, Transition
+from sagaway.engine.listener import Invocation, Listener, RunContext, Transition, current_run
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
 from sagaway.engine.relay import OutboxRelay, command_message, domain_event, parse_reply
 from sagaway.engine.state import (
@@ -126,6 +128,8 @@ class _Driver:
     """Its final transition, which also drops the lease, is being committed."""
     clear_request: bool = False
     """It was claimed to carry out an operator request; the next write clears it."""
+    secrets: frozenset[str] | None = None
+    """The values of its sensitive fields (see Saga(sensitive=…)), once computed."""
 
 
 class RunHandle:
@@ -670,6 +674,8 @@ class Orchestrator:
 
     async def _drive(self, d: _Driver, commands: builtins.list[Any],
                      first: Event | None = None) -> None:
+        # Log records and spans of this task (and of the invocations it starts) name the run.
+        current_run.set(RunContext(d.run_id, d.saga.name, secrets=self._secrets(d)))
         try:
             while True:
                 local = [c for c in commands if not self._remote(d.saga, c)]
@@ -686,6 +692,8 @@ class Orchestrator:
                     if d.state.status.finished:
                         break
                     event = await d.events.get()
+                if d.saga.sensitive:
+                    event = self._scrub(d, event)
                 decision = decide(d.saga, d.run_id, d.state, event)
                 commands = decision.commands
                 if decision.history:
@@ -767,16 +775,35 @@ class Orchestrator:
         d.transitions += 1
         self._notify(d, history)
 
+    @staticmethod
+    def _secrets(d: _Driver) -> frozenset[str]:
+        redactor = d.saga.redactor
+        if not redactor:
+            return frozenset()
+        if d.secrets is None or redactor.covers_results:
+            d.secrets = redactor.secrets(d.input, d.state.results)
+        return d.secrets
+
+    def _scrub(self, d: _Driver, event: Event) -> Event:
+        """Cut the run's sensitive values out of an error (an exception may repeat them)
+        before it reaches the history, the listeners and the operators' views."""
+        if isinstance(event, ActionFailed | CompensationFailed):
+            clean = d.saga.redactor.text(event.error, self._secrets(d))
+            if clean != event.error:
+                return dataclasses.replace(event, error=clean)
+        return event
+
     def _notify(self, d: _Driver, history: builtins.list[HistoryEntry]) -> None:
         if not self.listeners:
             return
         transition = Transition(d.run_id, d.saga.name, d.saga.version, d.state.status,
-                                tuple(history), d.transitions)
+                                tuple(history), d.transitions, d.created_at)
         for listener in self.listeners:
             try:
                 listener.on_transition(transition)
             except Exception:
-                log.exception("listener %r failed on run %s", listener, d.run_id)
+                log.exception("listener %r failed on run %s", listener, d.run_id,
+                              extra={"run_id": d.run_id, "saga": d.saga.name})
 
     # -- command steps ----------------------------------------------------------------------
 
@@ -815,7 +842,9 @@ class Orchestrator:
                 extra: Mapping[str, str] | None = listener.on_invoke(invocation)
             except Exception:
                 log.exception("listener %r failed on invoke of %s/%s", listener,
-                              invocation.run_id, invocation.step)
+                              invocation.run_id, invocation.step,
+                              extra={"run_id": invocation.run_id, "saga": invocation.saga,
+                                     "step": invocation.step, "attempt": invocation.attempt})
                 continue
             if extra:
                 headers.update(extra)
@@ -887,9 +916,15 @@ class Orchestrator:
         d.events.put_nowait(await self._invoke(d, cmd))
 
     async def _invoke(self, d: _Driver, cmd: Command) -> Event:
-        if isinstance(cmd, InvokeAction):
-            return await self._invoke_action(d, cmd)
-        return await self._invoke_compensation(d, cmd)
+        compensating = not isinstance(cmd, InvokeAction)
+        token = current_run.set(RunContext(d.run_id, d.saga.name, cmd.step, cmd.attempt,
+                                           compensating, self._secrets(d)))
+        try:
+            if isinstance(cmd, InvokeAction):
+                return await self._invoke_action(d, cmd)
+            return await self._invoke_compensation(d, cmd)
+        finally:
+            current_run.reset(token)
 
     def _arm_timer(self, d: _Driver) -> None:
         wake_at = d.state.wake_at
@@ -935,7 +970,9 @@ class Orchestrator:
         if self._threads is None:
             raise OrchestratorClosed("the orchestrator is closed")
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._threads, functools.partial(fn, *args))
+        # In this task's context, so the step's logs and spans know their run.
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        result = await loop.run_in_executor(self._threads, call)
         if asyncio.iscoroutine(result):  # a plain def that returned a coroutine
             return await result
         return result
@@ -1078,13 +1115,15 @@ class Orchestrator:
         elif record.request is not None:
             req = record.request
             log.info("run %s (%s v%s): carrying out operator %s's %r", record.id, record.saga,
-                     record.version, req.get("actor"), req.get("action"))
+                     record.version, req.get("actor"), req.get("action"),
+                     extra={"run_id": record.id, "saga": record.saga})
             d.clear_request = True
             first = Operator(str(req.get("action")), str(req.get("reason", "")),
                              str(req.get("actor", "operator")), self.clock.now())
         else:
             log.info("run %s (%s v%s): resuming from %s", record.id, record.saga,
-                     record.version, record.status.value)
+                     record.version, record.status.value,
+                     extra={"run_id": record.id, "saga": record.saga})
             first = Recover(self.clock.now())
         d.task = asyncio.create_task(self._drive(d, [], first),
                                      name=f"sagaway-run-{record.id}")

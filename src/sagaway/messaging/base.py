@@ -298,6 +298,8 @@ class Transport(abc.ABC):
     def __init__(self) -> None:
         self._state = "new"
         self._subscriptions: list[Subscription] = []
+        self.dead_letter_observers: list[Callable[[DeadLetter], None]] = []
+        """Called with each message this transport's consumers dead-letter (metrics)."""
 
     @property
     def is_open(self) -> bool:
@@ -413,6 +415,11 @@ class Transport(abc.ABC):
 
     def _dead_letter_body(self, dead: DeadLetter) -> bytes:
         """The bytes to publish on the dead-letter destination for ``dead``."""
+        for observe in self.dead_letter_observers:
+            try:
+                observe(dead)
+            except Exception:
+                log.exception("dead-letter observer %r failed", observe)
         return dead.to_envelope(max_bytes=self._broker_max_bytes).to_bytes(max_bytes=None)
 
     # -- what a backend implements ---------------------------------------------------------

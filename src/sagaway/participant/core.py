@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -135,6 +136,10 @@ class Participant:
         relay_interval: seconds between outbox polls (the relay is also woken per commit).
         outbox_retention: seconds sent replies stay in the outbox (``None``: forever).
         grace: seconds ``aclose`` lets running handlers and the relay finish.
+        around_command: called as ``around_command(service, envelope)`` for each command;
+            the handling runs inside the context manager it returns. For tracing:
+            ``sagaway.observability.participant_tracing()`` continues the orchestrator's
+            trace from the envelope's ``traceparent`` header.
 
     Whatever the participant builds from a URL, or opens itself, it closes in ``aclose``;
     a transport or database passed already open is left open.
@@ -152,6 +157,7 @@ class Participant:
         relay_interval: float = 1.0,
         outbox_retention: float | None = 3600.0,
         grace: float | None = DEFAULT_GRACE,
+        around_command: Callable[[str, Envelope], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.service = check_destination(service)
         self.transport = open_transport(transport) if isinstance(transport, str) else transport
@@ -160,6 +166,7 @@ class Participant:
         self.max_deliveries = max_deliveries
         self.dead_letter = dead_letter
         self.grace = grace
+        self.around_command = around_command
         self.relay = OutboxRelay(
             self.db, self.transport, interval=relay_interval, retention=outbox_retention
         )
@@ -262,6 +269,13 @@ class Participant:
     # -- one command ------------------------------------------------------------------------
 
     async def _on_delivery(self, delivery: Delivery) -> None:
+        if self.around_command is None:
+            await self._handle(delivery)
+            return
+        with self.around_command(self.service, delivery.envelope):
+            await self._handle(delivery)
+
+    async def _handle(self, delivery: Delivery) -> None:
         env = delivery.envelope
         entry = self._handlers.get(env.type)
         if entry is None:

@@ -400,6 +400,13 @@ class Store(abc.ABC):
     async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
         """How many runs there are in each status (statuses with none are left out)."""
 
+    @abc.abstractmethod
+    async def open_counts(self, *, updated_before: float
+                          ) -> dict[tuple[str, SagaStatus], tuple[int, int]]:
+        """Runs that are active or FAILED, by (saga, status): (how many, how many of them
+        have had no transition since ``updated_before``). For metrics gauges: it reads the
+        status index only, never the finished runs."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self

@@ -258,6 +258,16 @@ class MemoryStore(Store):
             if m is not None and m.sent_at is None:
                 m.sent_at = now
 
+    async def open_counts(self, *, updated_before: float
+                          ) -> dict[tuple[str, SagaStatus], tuple[int, int]]:
+        counts: dict[tuple[str, SagaStatus], tuple[int, int]] = {}
+        for row in self._rows.values():
+            rec = row.record
+            if rec.status in ACTIVE_STATUSES or rec.status is SagaStatus.FAILED:
+                n, old = counts.get((rec.saga, rec.status), (0, 0))
+                counts[(rec.saga, rec.status)] = (n + 1, old + (rec.updated_at < updated_before))
+        return counts
+
     async def outbox_backlog(self) -> tuple[int, float | None]:
         unsent = [m.created_at for m in self._outbox.values() if m.sent_at is None]
         return len(unsent), (min(unsent) if unsent else None)

@@ -443,6 +443,17 @@ class PostgresStore(Store):
                 now, list(ids),
             )
 
+    async def open_counts(self, *, updated_before: float
+                          ) -> dict[tuple[str, SagaStatus], tuple[int, int]]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT saga, status, count(*), count(*) FILTER (WHERE updated_at < $1)"
+                f" FROM sagaway_runs WHERE status IN ({_ACTIVE_SQL}, "
+                f"'{SagaStatus.FAILED.value}') GROUP BY saga, status",
+                updated_before,
+            )
+        return {(r[0], SagaStatus(r[1])): (int(r[2]), int(r[3])) for r in rows}
+
     async def outbox_backlog(self) -> tuple[int, float | None]:
         async with self._conn() as conn:
             row = await conn.fetchrow(

@@ -453,6 +453,20 @@ class SQLiteStore(Store):
 
         await self._run(tx)
 
+    async def open_counts(self, *, updated_before: float
+                          ) -> dict[tuple[str, SagaStatus], tuple[int, int]]:
+        def read(conn: sqlite3.Connection) -> dict[tuple[str, SagaStatus], tuple[int, int]]:
+            rows = conn.execute(
+                f"SELECT saga, status, count(*), sum(updated_at < ?) FROM sagaway_runs"
+                f" WHERE status IN ({_ACTIVE_SQL}, '{SagaStatus.FAILED.value}')"
+                f" GROUP BY saga, status",
+                (updated_before,),
+            )
+            return {(saga, SagaStatus(status)): (int(n), int(old or 0))
+                    for saga, status, n, old in rows}
+
+        return await self._run(read)
+
     async def outbox_backlog(self) -> tuple[int, float | None]:
         def read(conn: sqlite3.Connection) -> tuple[int, float | None]:
             n, oldest = conn.execute(

@@ -844,6 +844,28 @@ class StoreConformance:
         }
         assert await store.count_runs(saga="refund") == {SagaStatus.RUNNING: 1}
 
+    async def test_open_counts_by_saga_and_status_with_the_stuck_ones(
+        self, store: Store
+    ) -> None:
+        assert await store.open_counts(updated_before=T0 + 100) == {}
+        await create(
+            store,
+            new_run("a", status=SagaStatus.RUNNING, now=T0),
+            new_run("b", status=SagaStatus.RUNNING, now=T0 + 50),
+            new_run("c", status=SagaStatus.RUNNING, saga="refund", now=T0 + 50),
+            new_run("d", status=SagaStatus.COMPENSATING, now=T0),
+            new_run("e", status=SagaStatus.FAILED, now=T0),
+            new_run("f", status=SagaStatus.COMPLETED, now=T0),
+            new_run("g", status=SagaStatus.PENDING, now=T0 + 60),
+        )
+        assert await store.open_counts(updated_before=T0 + 10) == {
+            (SAGA, SagaStatus.RUNNING): (2, 1),
+            ("refund", SagaStatus.RUNNING): (1, 0),
+            (SAGA, SagaStatus.COMPENSATING): (1, 1),
+            (SAGA, SagaStatus.FAILED): (1, 1),
+            (SAGA, SagaStatus.PENDING): (1, 0),
+        }
+
     # -- operator requests ------------------------------------------------------------------
 
     async def test_request_operation_fences_the_owner_and_is_claimable(
