@@ -165,3 +165,20 @@ async def test_operator_actions_resolve_is_applied_the_others_are_answered(
     answer = run.history[-1]
     assert answer.kind == "event.ignored" and answer.data["request"]["action"] == "compensate"
     assert "cannot be carried out on a choreographed run" in answer.data["reason"]
+
+
+async def test_run_durations_of_choreographed_runs_reach_the_metrics(tmp_path: Path) -> None:
+    from sagaway.observability import PrometheusMetrics
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    metrics = PrometheusMetrics()
+    async with MemoryTransport() as transport, Tracker(url, transport, [FLOW],
+                                                       listeners=[metrics]):
+        run_id = None
+        for event in PATH:
+            run_id = await emit_event(transport, FLOW, event, {"e": event}, run_id=run_id)
+        assert run_id is not None
+        await wait_status(url, run_id, SagaStatus.COMPLETED)
+    count = metrics.registry.get_sample_value(
+        "sagaway_run_duration_seconds_count", {"saga": FLOW.name, "status": "COMPLETED"})
+    assert count == 1

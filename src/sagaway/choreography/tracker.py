@@ -295,7 +295,7 @@ class Tracker:
         if created.record.id != run_id:
             raise StoreError(f"run {run_id}: the store returned run {created.record.id}")
         if created.created:
-            self._notify(flow, run_id, p.status, p.entries, 1)
+            self._notify(flow, run_id, p.status, p.entries, 1, created_at=now)
         return created.created
 
     async def _update(self, flow: Choreography, record: RunRecord, event: str, event_id: str,
@@ -314,7 +314,8 @@ class Tracker:
         if not result.updated[0]:
             return False
         if p.entries:
-            self._notify(flow, record.id, p.status, p.entries, record.row_version + 1)
+            self._notify(flow, record.id, p.status, p.entries, record.row_version + 1,
+                         created_at=record.created_at)
         return True
 
     @staticmethod
@@ -324,11 +325,14 @@ class Tracker:
         return None if status.finished else now + flow.deadline
 
     def _notify(self, flow: Choreography, run_id: str, status: SagaStatus,
-                entries: Sequence[HistoryEntry], seq: int) -> None:
+                entries: Sequence[HistoryEntry], seq: int, *, created_at: float | None
+                ) -> None:
         if not self.listeners:
             return
+        # created_at lets duration metrics cover choreographed runs as well.
         transition = Transition(run_id=run_id, saga=flow.name, version=flow.version,
-                                status=status, entries=tuple(entries), seq=seq)
+                                status=status, entries=tuple(entries), seq=seq,
+                                created_at=created_at)
         for listener in self.listeners:
             try:
                 listener.on_transition(transition)
@@ -387,7 +391,8 @@ class Tracker:
             owner=self.owner, lease_seconds=self.lease,
         )).updated[0]
         if ok:
-            self._notify(flow, record.id, status, entries, record.row_version + 1)
+            self._notify(flow, record.id, status, entries, record.row_version + 1,
+                         created_at=record.created_at)
 
     async def _mark_stuck(self, flow: Choreography, record: RunRecord) -> None:
         now = time.time()
@@ -415,7 +420,8 @@ class Tracker:
         )).updated[0]
         if ok and entries:
             log.warning("tracker: run %s of %s is %s", record.id, flow.name, error)
-            self._notify(flow, record.id, record.status, entries, record.row_version + 1)
+            self._notify(flow, record.id, record.status, entries, record.row_version + 1,
+                         created_at=record.created_at)
 
     async def _poll_loop(self) -> None:
         while True:
