@@ -30,7 +30,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
@@ -50,6 +50,10 @@ from sagaway.messaging.base import (
 from sagaway.messaging.envelope import Envelope
 from sagaway.participant.base import Database, open_database
 from sagaway.participant.relay import OutboxRelay
+
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
+    from sagaway.protection.signing import EnvelopeSigner
 
 __all__ = ["REPLY_TYPE", "Command", "CommandRejected", "Participant"]
 
@@ -135,6 +139,13 @@ class Participant:
         relay_interval: seconds between outbox polls (the relay is also woken per commit).
         outbox_retention: seconds sent replies stay in the outbox (``None``: forever).
         grace: seconds ``aclose`` lets running handlers and the relay finish.
+        codec: the payload codec the orchestrator uses (``AesGcmCodec``): command payloads
+            are opened before the handler sees them, replies are sealed, and the inbox keeps
+            the recorded reply sealed. None reads ``SAGAWAY_KEYS`` (no encryption when
+            unset); False turns it off.
+        signer: signs the replies and checks the commands (``EnvelopeSigner``): unsigned,
+            forged, stale and replayed commands are dead-lettered with the reason. None
+            reads ``SAGAWAY_SIGNING_KEYS`` (no signing when unset); False turns it off.
 
     Whatever the participant builds from a URL, or opens itself, it closes in ``aclose``;
     a transport or database passed already open is left open.
@@ -152,10 +163,18 @@ class Participant:
         relay_interval: float = 1.0,
         outbox_retention: float | None = 3600.0,
         grace: float | None = DEFAULT_GRACE,
+        codec: PayloadCodec | bool | None = None,
+        signer: EnvelopeSigner | bool | None = None,
     ) -> None:
         self.service = check_destination(service)
         self.transport = open_transport(transport) if isinstance(transport, str) else transport
         self.db = open_database(db)
+        if signer is None or signer is True:
+            from sagaway.protection.signing import signer_from_env
+
+            signer = signer_from_env()
+        if signer:
+            self.transport.signer = signer
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
         self.dead_letter = dead_letter
@@ -163,6 +182,11 @@ class Participant:
         self.relay = OutboxRelay(
             self.db, self.transport, interval=relay_interval, retention=outbox_retention
         )
+        if codec is None or codec is True:
+            from sagaway.protection.codec import codec_from_env
+
+            codec = codec_from_env()
+        self.codec: PayloadCodec | None = codec or None
         self._handlers: dict[str, tuple[Callable[[Command], Any], bool]] = {}
         self._subscription: Subscription | None = None
         self._close_db = False
@@ -282,8 +306,14 @@ class Participant:
         fence = None
         if key.endswith(":compensation"):
             fence = (key.removesuffix(":compensation") + ":action", FENCED_ACTION)
+        payload = env.payload
+        if self.codec is not None:
+            payload = self.codec.open(payload, aad=f"msg:{env.id}")
         async with self.db.transaction() as tx:
             recorded = await tx.claim(key, fence=fence)
+            if self.codec is not None and isinstance(recorded, dict) \
+                    and set(recorded) == {"sealed"}:
+                recorded = self.codec.open(recorded["sealed"], aad=f"inbox:{key}")
             if recorded is not None:  # applied before: answer the same again
                 await tx.commit(
                     key, None, undo=False, destination=reply_to, body=self._reply(env, recorded)
@@ -291,7 +321,7 @@ class Participant:
             else:
                 cmd = Command(
                     type=env.type,
-                    payload=env.payload,
+                    payload=payload,
                     idempotency_key=key,
                     run_id=env.run_id,
                     step=env.step,
@@ -308,8 +338,10 @@ class Participant:
                     reply, undo = {"ok": False, "error": _describe(exc), "retryable": False}, True
                 else:
                     reply, undo = self._success(env, result)
+                kept = reply if self.codec is None else {
+                    "sealed": self.codec.seal(reply, aad=f"inbox:{key}")}
                 await tx.commit(
-                    key, reply, undo=undo, destination=reply_to, body=self._reply(env, reply)
+                    key, kept, undo=undo, destination=reply_to, body=self._reply(env, reply)
                 )
         self.relay.wake()
 
@@ -343,6 +375,9 @@ class Participant:
             idempotency_key=command.idempotency_key,
             correlation_id=command.correlation_id,
         )
+        if self.codec is not None:
+            reply = dataclasses.replace(
+                reply, payload=self.codec.seal(payload, aad=f"msg:{reply.id}"))
         return reply.to_bytes(max_bytes=self.transport.max_message_bytes).decode("utf-8")
 
     def __repr__(self) -> str:
