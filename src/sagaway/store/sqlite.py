@@ -591,6 +591,19 @@ class SQLiteStore(Store):
         rw = rewrite
 
         def tx(conn: sqlite3.Connection) -> bool:
+            # secure_delete zeroes the old cells instead of leaving them in free space, and
+            # the checkpoint afterwards drops the WAL's older copies of the pages: erased
+            # data is then gone from the file, not only from the rows.
+            conn.execute("PRAGMA secure_delete=ON")
+            try:
+                done = write(conn)
+            finally:
+                conn.execute("PRAGMA secure_delete=OFF")
+            if done and rw.erased:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return done
+
+        def write(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
             bump = 1 if rw.append else 0
             cur = conn.execute(
