@@ -28,7 +28,7 @@ ATTACKS = [
     "\\' OR 1=1 #",
     "%' OR '%'='",
     "shop\u0000' OR 1=1",
-    "ｓｈｏｐ' OR 1=1",
+    "\uff53\uff48\uff4f\uff50' OR 1=1",
     "'" * 300,
 ]
 LEAKS = ["syntax", "sqlite", "asyncpg", "postgres", "select ", "sagaway_runs", "operational",
