@@ -21,14 +21,23 @@ from sagaway.protection.codec import (
     generate_key,
     parse_keys,
 )
+from sagaway.protection.erasure import erase_run, purge_finished, rotate_keys
 from sagaway.protection.limits import StartLimiter
+from sagaway.protection.signing import EnvelopeSigner, signer_from_env
+from sagaway.protection.store import EncryptedStore
 
 __all__ = [
     "AesGcmCodec",
+    "EncryptedStore",
+    "EnvelopeSigner",
     "PayloadCodec",
     "Sealed",
     "StartLimiter",
     "codec_from_env",
+    "erase_run",
     "generate_key",
     "parse_keys",
+    "purge_finished",
+    "rotate_keys",
+    "signer_from_env",
 ]
