@@ -26,7 +26,7 @@ from typing import Any
 
 from sagaway.errors import InvalidTransition, PayloadCodecError, RunNotFound, StoreError
 from sagaway.protection.codec import PayloadCodec
-from sagaway.protection.store import SEALED_HISTORY_KEYS, RunSealer
+from sagaway.protection.store import SEALED_HISTORY_KEYS, EncryptedStore, RunSealer
 from sagaway.run import HistoryEntry
 from sagaway.store.base import ERASABLE_STATUSES, PayloadRewrite, Store, StoredPayloads
 
@@ -47,6 +47,12 @@ ERASABLE = ERASABLE_STATUSES
 ERASED = "[erased]"
 """What an erased text reads as."""
 _RACES = 20
+
+
+def _stored(store: Store) -> Store:
+    """The store that holds the stored form (an EncryptedStore's inner one): erasure writes
+    plain markers, rotation re-seals what is stored."""
+    return store.inner if isinstance(store, EncryptedStore) else store
 
 
 def _dumps(value: Any) -> str:
@@ -102,6 +108,7 @@ async def erase_run(store: Store, run_id: str, *, actor: str, reason: str,
         raise ValueError("erase: a reason is required (it goes into the history)")
     if not isinstance(actor, str) or not actor.strip():
         raise ValueError("erase: the actor (who does it) is required")
+    store = _stored(store)
     for _ in range(_RACES):
         stored = await store.load_payloads(run_id)
         if stored is None:
@@ -134,6 +141,7 @@ async def purge_finished(store: Store, *, older_than: float, now: float | None =
         raise ValueError("older_than must be >= 0 seconds")
     at = time.time() if now is None else now
     cutoff = at - older_than
+    store = _stored(store)
     why = reason or f"retention: finished more than {older_than / 86400:g} days ago"
     erased = 0
     after: str | None = None
@@ -168,6 +176,7 @@ async def rotate_keys(store: Store, codec: PayloadCodec, *, after: str | None = 
     """Seal every stored value again under ``codec.active`` (plaintext ones too, written
     before the codec was on). Old keys must still be configured to open old values."""
     sealer = RunSealer(codec)
+    store = _stored(store)
     report = RotationReport(last_id=after)
     while True:
         ids = await store.payload_run_ids(after=report.last_id, limit=batch)

@@ -29,6 +29,7 @@ import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from sagaway.engine.payload import fingerprint
 from sagaway.errors import PayloadCodecError
 from sagaway.protection.codec import PayloadCodec, Sealed
 from sagaway.run import HistoryEntry, SagaStatus
@@ -135,11 +136,8 @@ class RunSealer:
 
     # -- opening --------------------------------------------------------------------------
 
-    def open_record(self, record: RunRecord) -> RunRecord:
-        """The record with its values opened; ``payload_error`` set if some could not be."""
-        rid = record.id
-        o = _Opener(self.codec)
-        state = dict(record.state)
+    def open_state(self, o: _Opener, rid: str, stored: dict[str, Any]) -> dict[str, Any]:
+        state = dict(stored)
         if "steps" in state:
             steps = {}
             for name, step in state["steps"].items():
@@ -152,17 +150,82 @@ class RunSealer:
             state["steps"] = steps
         if state.get("error") is not None:
             state["error"] = o.open(state["error"], f"run:{rid}:error")
+        return state
+
+    def open_input(self, o: _Opener, rid: str, value: Any, input_hash: str
+                   ) -> tuple[Any, str]:
+        """(input, the plaintext fingerprint the engine compares) of a stored input."""
+        if not self.codec.is_sealed(value):
+            return value, input_hash
+        try:
+            text = self.codec.open_text(value, aad=f"run:{rid}:input")
+        except PayloadCodecError as exc:
+            o.problem = o.problem or str(exc)
+            return Sealed(value), input_hash
+        return json.loads(text), fingerprint(text)
+
+    def open_record(self, record: RunRecord) -> RunRecord:
+        """The record with its values opened; ``payload_error`` set if some could not be."""
+        rid = record.id
+        o = _Opener(self.codec)
+        state = self.open_state(o, rid, record.state)
         history = record.history
         if history is not None:
             history = [self._open_entry(o, rid, h) for h in history]
+        value, input_hash = self.open_input(o, rid, record.input, record.input_hash)
         return dataclasses.replace(
             record,
-            input=o.open(record.input, f"run:{rid}:input"),
+            input=value,
+            input_hash=input_hash,
             state=state,
             error=o.open(record.error, f"run:{rid}:error"),
             history=history,
             payload_error=o.problem,
         )
+
+    def open_stored(self, stored: StoredPayloads) -> StoredPayloads:
+        """``load_payloads``'s answer with its values opened (unreadable ones left sealed)."""
+        rid = stored.run_id
+        o = _Opener(self.codec)
+        value, input_hash = self.open_input(o, rid, json.loads(stored.input_json),
+                                            stored.input_hash)
+        history = {}
+        for seq, text in stored.history.items():
+            entries = [self._open_entry(o, rid, HistoryEntry.from_json(e))
+                       for e in json.loads(text)]
+            history[seq] = _dumps([e.to_json() for e in entries])
+        outbox = {mid: self.open_body(body) for mid, body in stored.outbox.items()}
+        return dataclasses.replace(
+            stored, input_json=_dumps(value), input_hash=input_hash,
+            state_json=_dumps(self.open_state(o, rid, json.loads(stored.state_json))),
+            error=o.open(stored.error, f"run:{rid}:error"), history=history, outbox=outbox)
+
+    def seal_rewrite(self, rw: PayloadRewrite) -> PayloadRewrite:
+        """A rewrite of plaintext values, sealed as ``commit`` would seal them."""
+        rid = rw.run_id
+        history = {}
+        for seq, text in rw.history.items():
+            entries = self.seal_history(rid, [HistoryEntry.from_json(e)
+                                              for e in json.loads(text)])
+            history[seq] = _dumps([e.to_json() for e in entries])
+        return dataclasses.replace(
+            rw, input_json=self.seal_input(rid, rw.input_json),
+            input_hash=self.codec.fingerprint(rw.input_json),
+            state_json=_dumps(self.seal_state(rid, json.loads(rw.state_json))),
+            error=self.seal_error(rid, rw.error), history=history,
+            outbox={mid: self.seal_body(body) for mid, body in rw.outbox.items()},
+            append=self.seal_history(rid, rw.append))
+
+    def open_body(self, body: str) -> str:
+        """An envelope's JSON text with its payload opened (left sealed if it cannot be)."""
+        doc = json.loads(body)
+        if isinstance(doc, dict) and self.codec.is_sealed(doc.get("payload")):
+            try:
+                doc["payload"] = self.codec.open(doc["payload"], aad=f"msg:{doc.get('id')}")
+            except PayloadCodecError:
+                return body
+            return _dumps(doc)
+        return body
 
     @staticmethod
     def _open_entry(o: _Opener, run_id: str, entry: HistoryEntry) -> HistoryEntry:
@@ -314,15 +377,9 @@ class EncryptedStore(Store):
         result = await self.inner.commit(
             [self._seal_new(n) for n in creates], [self._seal_update(u) for u in updates],
             owner=owner, lease_seconds=lease_seconds)
-        created = []
-        for new, res in zip(creates, result.created, strict=True):
-            record = self.sealer.open_record(res.record)
-            if not res.created and self.codec.fingerprint_matches(new.input_json,
-                                                                  record.input_hash):
-                # The caller compares plaintext fingerprints; the stored one is keyed.
-                record = dataclasses.replace(record, input_hash=new.input_hash)
-            created.append(CreateResult(record, res.created))
-        result.created = created
+        # Opening gives back the plaintext fingerprint the engine compares on a reused key.
+        result.created = [CreateResult(self.sealer.open_record(c.record), c.created)
+                          for c in result.created]
         return result
 
     async def claim_due(self, *, owner: str, lease_seconds: float, limit: int,
@@ -379,11 +436,15 @@ class EncryptedStore(Store):
     async def count_runs(self, *, saga: str | None = None) -> dict[SagaStatus, int]:
         return await self.inner.count_runs(saga=saga)
 
+    # Transparent like the rest: plaintext out, sealed in. Erasure and rotation work on the
+    # stored form and so go to ``inner`` (see ``protection.erasure``).
+
     async def load_payloads(self, run_id: str) -> StoredPayloads | None:
-        return await self.inner.load_payloads(run_id)
+        stored = await self.inner.load_payloads(run_id)
+        return None if stored is None else self.sealer.open_stored(stored)
 
     async def rewrite_payloads(self, rewrite: PayloadRewrite) -> bool:
-        return await self.inner.rewrite_payloads(rewrite)
+        return await self.inner.rewrite_payloads(self.sealer.seal_rewrite(rewrite))
 
     async def payload_run_ids(self, *, after: str | None, limit: int,
                               finished_before: float | None = None) -> list[str]:
