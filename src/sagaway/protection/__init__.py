@@ -19,6 +19,7 @@ from sagaway.protection.codec import (
     Sealed,
     codec_from_env,
     generate_key,
+    open_message,
     parse_keys,
 )
 from sagaway.protection.erasure import erase_run, purge_finished, rotate_keys
@@ -36,6 +37,7 @@ __all__ = [
     "codec_from_env",
     "erase_run",
     "generate_key",
+    "open_message",
     "parse_keys",
     "purge_finished",
     "rotate_keys",

@@ -36,6 +36,7 @@ __all__ = [
     "Sealed",
     "codec_from_env",
     "generate_key",
+    "open_message",
     "parse_keys",
 ]
 
@@ -121,6 +122,18 @@ class PayloadCodec(abc.ABC):
             if strict:
                 raise
             return Sealed(value)
+
+
+def open_message(codec: PayloadCodec, envelope: Any) -> Any:
+    """A received :class:`~sagaway.messaging.Envelope` with its payload opened: for
+    consumers of the domain events a saga emits (participants do this by themselves).
+
+    Raises UnknownKey / PayloadCodecError like :meth:`PayloadCodec.open`.
+    """
+    import dataclasses
+
+    return dataclasses.replace(envelope,
+                               payload=codec.open(envelope.payload, aad=f"msg:{envelope.id}"))
 
 
 def generate_key() -> str:
