@@ -15,6 +15,10 @@ The tree::
     │   └── LeaseLost            a write was fenced: another worker owns the run now
     ├── TransportError           a message broker failed or is unusable (driver errors are wrapped)
     ├── MalformedEnvelope        bytes received are not a sagaway message envelope (has a reason)
+    │   └── UntrustedMessage     unsigned, forged, stale or replayed (signed envelopes on)
+    ├── PayloadCodecError        an encrypted payload cannot be read (tampered, wrong place)
+    │   └── UnknownKey           it was encrypted with a key id that is not configured
+    ├── RateLimited              starts of a saga arrive faster than its start_rate allows
     └── OrchestratorClosed       the orchestrator was used outside ``async with`` / after close
 
 Driver exceptions (sqlite3, asyncpg, aio-pika, nats-py, redis, …) are translated into these at
@@ -31,12 +35,16 @@ __all__ = [
     "LeaseLost",
     "MalformedEnvelope",
     "OrchestratorClosed",
+    "PayloadCodecError",
     "PayloadTooLarge",
+    "RateLimited",
     "RunNotFound",
     "SagawayError",
     "StoreError",
     "TransportError",
+    "UnknownKey",
     "UnknownSaga",
+    "UntrustedMessage",
     "WaitTimeout",
 ]
 
@@ -118,3 +126,38 @@ class MalformedEnvelope(SagawayError):
 
 class OrchestratorClosed(SagawayError):
     """The orchestrator is not open: use ``async with Orchestrator(...)`` or ``await open()``."""
+
+
+class UntrustedMessage(MalformedEnvelope):
+    """A message failed the signature check: ``kind`` is ``unsigned``, ``forged``
+    (a bad signature or an unknown key id), ``stale`` (outside the time window) or
+    ``replayed`` (the same signed message seen before). Dead-lettered at once."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind} message: {reason}")
+        self.kind = kind
+
+
+class PayloadCodecError(SagawayError):
+    """An encrypted payload cannot be decrypted: tampered with, moved to another run or
+    field, or not a payload this codec wrote."""
+
+
+class UnknownKey(PayloadCodecError):
+    """A payload was encrypted with a key id this process does not have configured."""
+
+    def __init__(self, message: str, *, kid: str) -> None:
+        super().__init__(message)
+        self.kid = kid
+
+
+class RateLimited(SagawayError):
+    """Starts of a saga arrive faster than its ``start_rate`` allows (HTTP 429).
+
+    ``retry_after`` is the seconds until a start would be accepted.
+    """
+
+    def __init__(self, message: str, *, saga: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.saga = saga
+        self.retry_after = retry_after

@@ -9,7 +9,9 @@ dashboard's static files are served at ``/``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
@@ -23,10 +25,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sagaway import (
+    IdempotencyConflict,
     InvalidPayload,
     InvalidTransition,
     Orchestrator,
     OrchestratorClosed,
+    PayloadTooLarge,
+    RateLimited,
     RunNotFound,
     Saga,
     SagaRun,
@@ -55,6 +60,7 @@ from sagaway.admin.schemas import (
     Health,
     RunDetail,
     RunPage,
+    Started,
     WhoAmI,
 )
 
@@ -171,6 +177,18 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def bad_payload(request: Request, exc: Exception) -> JSONResponse:
         return error(422, str(exc))
 
+    async def unknown_saga(request: Request, exc: Exception) -> JSONResponse:
+        saga = str(request.path_params.get("saga", ""))[:200]
+        return error(404, f"no saga named {saga!r} is registered with this admin app; "
+                          f"pass its definition in create_app(..., sagas=[...])")
+
+    async def too_large(request: Request, exc: Exception) -> JSONResponse:
+        return error(413, str(exc))
+
+    async def rate_limited(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RateLimited)
+        return error(429, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         # Driver errors (SQL text, hosts) go to the log, never to the client.
         log.error("store error on %s %s: %s", request.method, request.url.path, exc)
@@ -202,6 +220,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RunNotFound, not_found)
     app.add_exception_handler(InvalidTransition, conflict)
     app.add_exception_handler(InvalidPayload, bad_payload)
+    app.add_exception_handler(PayloadTooLarge, too_large)
+    app.add_exception_handler(UnknownSaga, unknown_saga)
+    app.add_exception_handler(IdempotencyConflict, conflict)
+    app.add_exception_handler(RateLimited, rate_limited)
     app.add_exception_handler(StoreError, unavailable)
     app.add_exception_handler(OrchestratorClosed, unavailable)
     app.add_exception_handler(SagawayError, internal)
@@ -323,6 +345,79 @@ def _add_routes(app: FastAPI) -> None:
                                                                 "not allow it."},
                        422: {"model": ErrorBody, "description": "No reason."}},
         )
+
+
+    app.add_api_route(
+        "/api/runs/{run_id}/erase", _erase, methods=["POST"], response_model=RunDetail,
+        tags=["actions"], dependencies=bearer, summary="Erase",
+        description="Erase a finished (COMPLETED, COMPENSATED or RESOLVED) run's payloads: "
+                    "input, results, error texts and message payloads. Its timeline stays, "
+                    "with a run.erased entry naming the token and the reason. Needs an "
+                    "operator token.",
+        responses={**_AUTH_ERRORS, 404: {"model": ErrorBody},
+                   409: {"model": ErrorBody, "description": "The run is not finished, or "
+                                                            "is FAILED."},
+                   422: {"model": ErrorBody, "description": "No reason."}},
+    )
+    app.add_api_route(
+        "/api/sagas/{saga}/runs", _start, methods=["POST"], status_code=202,
+        response_model=Started, tags=["runs"], dependencies=bearer, summary="Start",
+        description="Start a run of a saga this app's orchestrator registers (pass "
+                    "`sagas=` to create_app). Body: `{\"input\": …, \"key\": …}`. Needs an "
+                    "operator token. Over the payload limit: 413; over the saga's "
+                    "start_rate: 429 with Retry-After.",
+        responses={**_AUTH_ERRORS, 404: {"model": ErrorBody},
+                   409: {"model": ErrorBody, "description": "The key was used with "
+                                                            "another input."},
+                   413: {"model": ErrorBody}, 422: {"model": ErrorBody},
+                   429: {"model": ErrorBody}},
+    )
+
+
+async def _erase(request: Request, run_id: RunId, body: ActionBody) -> RunDetail:
+    state = _state(request)
+    principal = _principal(request)
+    actor = principal.name if state.auth.enabled else (body.actor or principal.name)
+    orch = await state.orch()
+    run = await orch.erase(run_id, reason=body.reason, actor=actor)
+    log.info("%s erased the payloads of run %s", actor, run_id)
+    return state.detail(run)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it passes ``limit`` bytes (never buffered
+    beyond it, whatever Content-Length claims)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of "
+                              f"{limit} bytes", size=int(declared), limit=limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes",
+                                  size=len(body), limit=limit)
+    return bytes(body)
+
+
+async def _start(request: Request,
+                 saga: Annotated[str, Path(max_length=200, pattern=PRINTABLE)]) -> Started:
+    state = _state(request)
+    orch = await state.orch()
+    orch.definition(saga)  # 404 before reading a body for a saga nobody registers
+    # The body wraps the input, so allow it some room over the input's own limit.
+    raw = await _read_limited(request, orch.max_payload_bytes + 4096)
+    try:
+        doc = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidPayload(f"the body is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) - {"input", "key"}:
+        raise InvalidPayload('the body must be an object {"input": …, "key": …} (key optional)')
+    key = doc.get("key")
+    if key is not None and not isinstance(key, str):
+        raise InvalidPayload("key must be a string")
+    handle = await orch.start(saga, doc.get("input"), key=key)
+    return Started(id=handle.id, saga=handle.saga, created=handle.created)
 
 
 def _action(action: Action) -> Callable[..., Awaitable[RunDetail]]:

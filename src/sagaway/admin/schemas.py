@@ -23,6 +23,7 @@ __all__ = [
     "RunDetail",
     "RunPage",
     "RunSummary",
+    "Started",
     "StepSummary",
     "TimelineEntry",
     "WhoAmI",
@@ -145,6 +146,14 @@ class WhoAmI(BaseModel):
     name: str
     role: Literal["viewer", "operator"]
     auth: bool = Field(description="False when the server runs without tokens.")
+
+
+class Started(BaseModel):
+    """A run started through the API."""
+
+    id: str
+    saga: str
+    created: bool = Field(description="False when the key had already started this run.")
 
 
 class Health(BaseModel):

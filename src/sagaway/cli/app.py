@@ -296,6 +296,140 @@ def migrate(store: Store = DEFAULT_STORE) -> None:
 app.add_typer(choreography_app, name="choreography")
 # A stopgap until ``sagaway demo ecommerce --style choreography`` exists (branch http).
 app.command("demo-choreography")(demo_choreography)
+Keys = Annotated[
+    str | None,
+    typer.Option("--keys", envvar="SAGAWAY_KEYS", show_envvar=True, metavar="KID:B64,…",
+                 help="Payload keys, 'k1:<base64>,k2:<base64>' (see `sagaway keygen`)."),
+]
+ActiveKey = Annotated[
+    str | None,
+    typer.Option("--active-key", envvar="SAGAWAY_ACTIVE_KEY", show_envvar=True,
+                 metavar="KID", help="The key id that encrypts (default: the last listed)."),
+]
+
+
+def _codec(keys: str | None, active: str | None) -> Any:
+    from sagaway.protection.codec import AesGcmCodec, parse_keys
+
+    if not keys:
+        return None
+    try:
+        return AesGcmCodec(parse_keys(keys), active=active or None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--keys") from exc
+
+
+@app.command()
+def keygen(
+    kid: Annotated[str, typer.Argument(metavar="KEY_ID", help="The new key's id.")] = "k1",
+) -> None:
+    """Print a new random 256-bit payload key as KEY_ID:BASE64, for SAGAWAY_KEYS."""
+    from sagaway.protection.codec import AesGcmCodec, generate_key
+
+    key = generate_key()
+    try:
+        AesGcmCodec({kid: key})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="KEY_ID") from exc
+    out.print(f"{kid}:{key}", soft_wrap=True)
+
+
+@app.command()
+def erase(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="The run's id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the timeline).")],
+    store: Store = DEFAULT_STORE,
+    actor: Annotated[str | None, typer.Option("--actor", help="Who (default: $USER).")]
+    = None,
+) -> None:
+    """Erase a finished run's payloads (input, results, error texts, message payloads).
+
+    Its timeline stays, with a run.erased entry. Only COMPLETED, COMPENSATED and RESOLVED
+    runs.
+    """
+    import getpass
+
+    from sagaway.protection.erasure import erase_run
+
+    _checked_store(store, must_exist=True)
+    who = actor or getpass.getuser()
+
+    async def go() -> bool:
+        async with open_store(store) as target:
+            try:
+                return await erase_run(target, run_id, actor=who, reason=reason)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--reason") from exc
+
+    if _run(go()):
+        out.print(f"erased the payloads of run {run_id}; its timeline is kept")
+    else:
+        out.print(f"run {run_id} was already erased")
+
+
+@app.command()
+def purge(
+    older_than: Annotated[str, typer.Option("--older-than", metavar="AGE",
+                                            help="e.g. 30d, 12h, 90m.")],
+    store: Store = DEFAULT_STORE,
+) -> None:
+    """Erase the payloads of runs that finished longer ago than AGE (retention).
+
+    The same as a worker with Orchestrator(retention_days=…) does periodically.
+    """
+    from sagaway.protection.erasure import parse_age, purge_finished
+
+    try:
+        seconds = parse_age(older_than)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from exc
+    _checked_store(store, must_exist=True)
+
+    async def go() -> int:
+        async with open_store(store) as target:
+            return await purge_finished(target, older_than=seconds)
+
+    out.print(f"erased the payloads of {_run(go())} run(s) finished before the cutoff")
+
+
+@app.command("rotate-keys")
+def rotate_keys(
+    store: Store = DEFAULT_STORE,
+    keys: Keys = None,
+    active: ActiveKey = None,
+    after: Annotated[str | None, typer.Option("--after", metavar="RUN_ID",
+                                              help="Resume after this run id.")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=10_000)] = 200,
+) -> None:
+    """Re-encrypt every stored run's payloads with the active key.
+
+    Old keys must still be configured to read old values. Resumable (--after, printed as it
+    goes) and idempotent: runs already under the active key are not rewritten.
+    """
+    from sagaway.protection.erasure import RotationReport
+    from sagaway.protection.erasure import rotate_keys as rotate
+
+    codec = _codec(keys, active)
+    if codec is None:
+        raise typer.BadParameter("no keys: set SAGAWAY_KEYS or pass --keys",
+                                 param_hint="--keys")
+    _checked_store(store, must_exist=True)
+
+    def progress(report: RotationReport) -> None:
+        err.print(f"… {report.scanned} scanned, {report.rewritten} re-encrypted "
+                  f"(resume with --after {report.last_id})", soft_wrap=True)
+
+    async def go() -> RotationReport:
+        async with open_store(store) as target:
+            return await rotate(target, codec, after=after, batch=batch, progress=progress)
+
+    report = _run(go())
+    out.print(f"{report.scanned} run(s) scanned, {report.rewritten} re-encrypted with key "
+              f"{codec.active!r}")
+    for run_id, why in report.unreadable.items():
+        err.print(f"run {run_id}: {why}", soft_wrap=True)
+    if report.unreadable:
+        _fail(f"{len(report.unreadable)} run(s) could not be re-encrypted (see above)")
 
 
 def main() -> None:

@@ -182,10 +182,15 @@ class OutboxRelay:
         if not messages:
             return 0
 
+        signer = self._transport.signer
+
         async def publish(body: str, destination: str, message_id: str) -> str | None:
+            data = body.encode()
+            if signer is not None:
+                # Signed now, as it goes out: the timestamp is the publish time.
+                data = signer.sign_body(data)
             try:
-                await self._transport.publish_raw(destination, body.encode(),
-                                                  message_id=message_id)
+                await self._transport.publish_raw(destination, data, message_id=message_id)
             except SagawayError as exc:
                 # Left claimed: when the lease runs out it is published again.
                 log.warning("outbox relay: publishing %s to %s failed: %s", message_id,

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagaway.definition.saga import Command as CommandSpec
 from sagaway.definition.saga import Saga, StepContext, idempotency_key
@@ -61,6 +61,8 @@ from sagaway.errors import (
     InvalidTransition,
     LeaseLost,
     OrchestratorClosed,
+    PayloadTooLarge,
+    RateLimited,
     RunNotFound,
     SagawayError,
     StoreError,
@@ -73,7 +75,14 @@ from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaRun, SagaStatus
 from sagaway.store import open_store
 from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
 
-__all__ = ["NonRetryableError", "Orchestrator", "RunHandle"]
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
+    from sagaway.protection.signing import EnvelopeSigner
+
+__all__ = ["DEFAULT_MAX_STEPS", "NonRetryableError", "Orchestrator", "RunHandle"]
+
+DEFAULT_MAX_STEPS = 100
+"""The most steps a registered definition may have unless ``max_steps`` says otherwise."""
 
 log = logging.getLogger("sagaway.engine")
 
@@ -183,6 +192,20 @@ class Orchestrator:
         transport: the message broker for command steps (``amqp://…``, ``nats://…``,
             ``redis://…``, ``memory://``, or a Transport): commands go out through the
             store's outbox, replies come back on ``reply_to``, which all workers share.
+        codec: encrypts payloads (inputs, results, error texts, message payloads) before
+            they reach the store or the broker, e.g. ``AesGcmCodec(keys=…, active="k2")``
+            (see ``sagaway.protection``). None reads ``SAGAWAY_KEYS`` from the environment
+            (no encryption when unset); False turns it off whatever the environment says.
+        max_steps: the most steps a definition may have (DefinitionError at registration).
+        start_rate: starts per second allowed per saga name (a token bucket holding one
+            second's worth): ``{"order": 100}``, or one number for every saga. Over it,
+            ``start`` raises RateLimited with ``retry_after``.
+        signer: signs the messages the transport publishes and checks the replies it
+            receives (``EnvelopeSigner``; see ``sagaway.protection.signing``). None reads
+            ``SAGAWAY_SIGNING_KEYS`` (no signing when unset); False turns it off.
+        retention_days: a worker erases the payloads of runs that finished (COMPLETED,
+            COMPENSATED, RESOLVED) more than this many days ago, checking every
+            ``retention_interval`` seconds; their timelines stay. None keeps payloads.
     """
 
     def __init__(
@@ -201,14 +224,45 @@ class Orchestrator:
         worker: bool = True,
         transport: str | Transport | None = None,
         reply_to: str = "sagaway.replies",
+        codec: PayloadCodec | bool | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        start_rate: float | Mapping[str, float] | None = None,
+        retention_days: float | None = None,
+        retention_interval: float = 3600.0,
+        signer: EnvelopeSigner | bool | None = None,
     ) -> None:
+        if retention_days is not None and not retention_days >= 0:
+            raise ValueError("retention_days must be a number of days >= 0")
+        self.retention_days = retention_days
+        self.retention_interval = retention_interval
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
+        self.max_steps = max_steps
+        self.rejections: dict[str, int] = {"payload_too_large": 0, "rate_limited": 0,
+                                           "too_many_steps": 0}
+        """Plain counters of refused work, by reason (for metrics exporters)."""
+        from sagaway.protection.limits import StartLimiter
+
+        self._limiter = StartLimiter(start_rate) if start_rate is not None else None
         self._definitions: dict[tuple[str, int], Saga] = {}
         self._latest: dict[str, Saga] = {}
         for saga in sagas:
             self.register(saga)
         self.store: Store = open_store(store) if isinstance(store, str) else store
+        self.codec: PayloadCodec | None = None
+        if codec is None or codec is True:
+            from sagaway.protection.codec import codec_from_env
+
+            self.codec = codec_from_env()
+        elif codec is not False:
+            self.codec = codec
+        self._sealer = None
+        if self.codec is not None:
+            from sagaway.protection.store import EncryptedStore
+
+            wrapped = EncryptedStore(self.store, self.codec)
+            self._sealer = wrapped.sealer
+            self.store = wrapped
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.max_payload_bytes = max_payload_bytes
@@ -222,6 +276,13 @@ class Orchestrator:
 
             transport = open_transport(transport)
         self.transport: Transport | None = transport
+        if transport is not None and signer is not False:
+            if signer is None or signer is True:
+                from sagaway.protection.signing import signer_from_env
+
+                signer = signer_from_env()
+            if signer:
+                transport.signer = signer
         self.reply_to = reply_to
         self._relay: OutboxRelay | None = None
         self._replies: Subscription | None = None
@@ -243,6 +304,7 @@ class Orchestrator:
         self._open = False
         self._claim_seq = 0
         self._warned_unknown: set[str] = set()
+        self._background_writes: set[asyncio.Task[None]] = set()
 
     # -- registration -------------------------------------------------------------------
 
@@ -251,6 +313,12 @@ class Orchestrator:
         if not isinstance(saga, Saga):
             raise DefinitionError(f"sagas must be Saga definitions, got {saga!r}")
         saga.validate()
+        if len(saga.steps) > self.max_steps:
+            self.rejections["too_many_steps"] += 1
+            raise DefinitionError(
+                f"saga {saga.name!r} has {len(saga.steps)} steps, over the limit of "
+                f"{self.max_steps}; split it, or raise Orchestrator(max_steps=…)"
+            )
         key = (saga.name, saga.version)
         if key in self._definitions and self._definitions[key] is not saga:
             raise DefinitionError(
@@ -312,6 +380,9 @@ class Orchestrator:
                 asyncio.create_task(self._poll_loop(), name="sagaway-recovery"),
                 asyncio.create_task(self._renew_loop(), name="sagaway-leases"),
             ]
+            if self.retention_days is not None:
+                self._background.append(asyncio.create_task(
+                    self._retention_loop(self.retention_days), name="sagaway-retention"))
 
     async def aclose(self) -> None:
         """Stop driving runs and release their leases so another worker resumes them at once.
@@ -334,6 +405,8 @@ class Orchestrator:
         await asyncio.gather(*self._background, *(d.task for d in drivers if d.task),
                              return_exceptions=True)
         self._background = []
+        if self._background_writes:
+            await asyncio.gather(*self._background_writes, return_exceptions=True)
         if self._committer is not None:
             await self._committer.aclose()
             self._committer = None
@@ -377,8 +450,21 @@ class Orchestrator:
         definition = self.definition(saga)
         if key is not None and (not isinstance(key, str) or not key or len(key) > 512):
             raise InvalidPayload("key must be a non-empty string of at most 512 characters")
-        plain, text = encode(input, what=f"the input of saga {saga!r}",
-                             limit=self.max_payload_bytes)
+        try:
+            plain, text = encode(input, what=f"the input of saga {saga!r}",
+                                 limit=self.max_payload_bytes)
+        except PayloadTooLarge:
+            self.rejections["payload_too_large"] += 1
+            raise
+        if self._limiter is not None:
+            wait = self._limiter.take(definition.name)
+            if wait > 0:
+                self.rejections["rate_limited"] += 1
+                raise RateLimited(
+                    f"saga {definition.name!r} is being started faster than its start_rate "
+                    f"of {self._limiter.rate(definition.name):g}/s; retry in {wait:.3f}s",
+                    saga=definition.name, retry_after=wait,
+                )
         run_id = new_run_id()
         now = self.clock.now()
         if not self.worker:
@@ -530,6 +616,40 @@ class Orchestrator:
         if self.worker:
             self._poll_now.set()
         return self._snapshot(updated)
+
+    async def erase(self, run_id: str, *, reason: str, actor: str = "operator") -> SagaRun:
+        """Erase a finished run's payloads (input, results, error texts, message payloads),
+        keeping its timeline, and record ``run.erased`` with who and why.
+
+        Raises:
+            RunNotFound; InvalidTransition unless the run is COMPLETED, COMPENSATED or
+            RESOLVED with no operator request pending; InvalidPayload without a reason.
+        """
+        from sagaway.protection.erasure import erase_run
+
+        self._require_open()
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidPayload("erase: a reason is required (it goes into the history)")
+        if not isinstance(actor, str) or not actor.strip():
+            raise InvalidPayload("erase: the actor (who does it) is required")
+        await erase_run(self.store, run_id, actor=actor, reason=reason, now=self.clock.now())
+        return await self.get(run_id)
+
+    async def _retention_loop(self, days: float) -> None:
+        from sagaway.protection.erasure import purge_finished
+
+        while True:
+            try:
+                erased = await purge_finished(self.store, older_than=days * 86400,
+                                              now=self.clock.now())
+                if erased:
+                    log.info("retention: erased the payloads of %d run(s) finished more "
+                             "than %g days ago", erased, days)
+            except StoreError as exc:
+                log.warning("retention pass failed, retrying later: %s", exc)
+            except Exception:
+                log.exception("retention pass crashed; retrying later")
+            await asyncio.sleep(self.retention_interval)
 
     async def get(self, run_id: str) -> SagaRun:
         """A snapshot of one run, from the store. Raises RunNotFound."""
@@ -873,7 +993,12 @@ class Orchestrator:
 
     async def _on_reply(self, delivery: Delivery) -> None:
         """A participant answered: wake the run with the answer as its next event."""
-        reply = parse_reply(delivery.envelope)
+        envelope = delivery.envelope
+        if self._sealer is not None:
+            # A reply sealed by a participant with the same keys (a plaintext one passes).
+            envelope = dataclasses.replace(
+                envelope, payload=self._sealer.open_payload(envelope.id, envelope.payload))
+        reply = parse_reply(envelope)
         event = reply.event(self.clock.now())
         # The run may be held for a moment (it is parking, or a worker drives a sibling
         # step): keep the reply and try again until a lease could have run out, rather than
@@ -1025,6 +1150,8 @@ class Orchestrator:
                 plain, _ = encode(result, what=f"the result of step {step.name!r}",
                                   limit=self.max_payload_bytes)
             except InvalidPayload as exc:
+                if isinstance(exc, PayloadTooLarge):
+                    self.rejections["payload_too_large"] += 1
                 # The action ran, so its effect may stand: fail it as possibly applied.
                 event = ActionFailed(step.name, cmd.attempt, str(exc), self.clock.now(),
                                      retryable=False, maybe_applied=True)
@@ -1095,6 +1222,9 @@ class Orchestrator:
             # driver is fenced by the new row version, so replace it.
             self._stop_driver(old)
         saga = self._definitions[(record.saga, record.version)]
+        if record.payload_error is not None:
+            self._fail_unreadable(record)
+            return
         d = _Driver(
             run_id=record.id,
             saga=saga,
@@ -1127,6 +1257,58 @@ class Orchestrator:
             first = Recover(self.clock.now())
         d.task = asyncio.create_task(self._drive(d, [], first),
                                      name=f"sagaway-run-{record.id}")
+
+    def _fail_unreadable(self, record: RunRecord) -> None:
+        """The run's payloads cannot be decrypted here (a key that is not configured): end
+        it FAILED with the reason, its sealed data untouched, so an operator can restore the
+        key and then compensate or resolve it. Other runs are not affected."""
+        error = (f"cannot read this run's data: {record.payload_error}; configure the key, "
+                 f"then compensate or resolve the run")
+        log.error("run %s (%s v%s): %s", record.id, record.saga, record.version, error)
+        now = self.clock.now()
+        state = dict(record.state)
+        state["status"] = SagaStatus.FAILED.value
+        state["error"] = error
+        history: builtins.list[HistoryEntry] = []
+        # As an operator's takeover would: attempts in flight were cut (possibly applied),
+        # timers are off; `compensate` or `retry` later reopens the run from here.
+        steps = {name: dict(step) for name, step in state.get("steps", {}).items()}
+        for name, step in steps.items():
+            if step.get("status") == StepStatus.RUNNING.value:
+                history.append(HistoryEntry(now, "step.interrupted", name,
+                                            step.get("attempts")))
+                step.update(status=StepStatus.FAILED.value, maybe_applied=True,
+                            error="interrupted: the run's data could not be read")
+            elif step.get("status") == StepStatus.WAITING.value:
+                step["status"] = StepStatus.FAILED.value
+            elif step.get("status") == StepStatus.COMPENSATING.value:
+                step["status"] = StepStatus.COMPENSATION_WAITING.value
+            step.pop("wake_at", None)
+        state["steps"] = steps
+        history.append(HistoryEntry(now, "run.finished",
+                                    data={"status": SagaStatus.FAILED.value, "error": error,
+                                          "cause": "payload_unreadable"}))
+        update = RunUpdate(
+            run_id=record.id, expected_version=record.row_version, status=SagaStatus.FAILED,
+            state=state, error=error, wake_at=None, now=now, history=history,
+            release=True, clear_request=record.request is not None,
+        )
+
+        async def write() -> None:
+            try:
+                ok = await self._require_open().update(update)
+            except (StoreError, OrchestratorClosed) as exc:
+                log.warning("run %s: could not record its failure (%s); releasing it",
+                            record.id, exc)
+                ok = False
+            if not ok:
+                with contextlib.suppress(Exception):
+                    await self.store.release_leases(owner=self.worker_id,
+                                                    run_ids=[record.id])
+
+        task = asyncio.create_task(write(), name=f"sagaway-fail-{record.id}")
+        self._background_writes.add(task)
+        task.add_done_callback(self._background_writes.discard)
 
     async def _renew_loop(self) -> None:
         interval = self.lease_seconds / 3

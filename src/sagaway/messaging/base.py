@@ -25,11 +25,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sagaway.errors import MalformedEnvelope, TransportError
+from sagaway.errors import MalformedEnvelope, TransportError, UntrustedMessage
 from sagaway.messaging.envelope import DEFAULT_MAX_MESSAGE_BYTES, DeadLetter, Envelope
+
+if TYPE_CHECKING:
+    from sagaway.protection.signing import EnvelopeSigner
 
 __all__ = [
     "ACK",
@@ -182,6 +185,9 @@ async def settle(
             return dead(str(exc))
     try:
         await handler(Delivery(envelope=envelope, attempt=attempt, raw=body, source=source))
+    except UntrustedMessage as exc:
+        # Unsigned, forged, stale or replayed: no redelivery can fix it.
+        return dead(str(exc))
     except Exception as exc:
         reason = f"{type(exc).__qualname__}: {exc}"
         if attempt >= max_deliveries:
@@ -294,6 +300,10 @@ class Transport(abc.ABC):
     """The default dead-letter destination is the source's name plus this."""
     _broker_max_bytes: int | None = None
     """The broker's own message size limit, if it has a small one (dead letters are cut to it)."""
+    signer: EnvelopeSigner | None = None
+    """Signs what this transport publishes and checks what its consumers receive (see
+    ``sagaway.protection.signing``): unsigned, forged, stale and replayed messages are
+    dead-lettered with the reason and counted in ``signer.counts``."""
 
     def __init__(self) -> None:
         self._state = "new"
@@ -361,6 +371,8 @@ class Transport(abc.ABC):
         """
         self._require_open()
         check_destination(destination)
+        if self.signer is not None:
+            envelope = self.signer.sign(envelope)
         body = envelope.to_bytes(max_bytes=self.max_message_bytes)
         await self._publish(destination, body, message_id=envelope.id)
 
@@ -406,6 +418,8 @@ class Transport(abc.ABC):
             raise TransportError(f"prefetch must be between 1 and 10000, got {prefetch!r}")
         if max_deliveries < 1:
             raise TransportError(f"max_deliveries must be at least 1, got {max_deliveries!r}")
+        if self.signer is not None:
+            handler = self._checked(handler, self.signer)
         sub = await self._subscribe(
             source, handler, prefetch=prefetch, max_deliveries=max_deliveries,
             dead_letter=dead_letter,
@@ -413,14 +427,32 @@ class Transport(abc.ABC):
         self._subscriptions = [s for s in self._subscriptions if not s.stopped] + [sub]
         return sub
 
+    @staticmethod
+    def _checked(handler: Handler, signer: EnvelopeSigner) -> Handler:
+        """``handler`` behind the signature check, with this consumer's own seen-set."""
+        guard = signer.guard()
+
+        async def checked(delivery: Delivery) -> object:
+            signature = signer.verify(delivery.envelope, attempt=delivery.attempt,
+                                      guard=guard)
+            result = await handler(delivery)
+            guard.remember(signature, signer.clock())
+            return result
+
+        return checked
+
     def _dead_letter_body(self, dead: DeadLetter) -> bytes:
-        """The bytes to publish on the dead-letter destination for ``dead``."""
+        """The bytes to publish on the dead-letter destination for ``dead`` (signed when a
+        signer is set, so a dead-letter consumer can check it like any message)."""
         for observe in self.dead_letter_observers:
             try:
                 observe(dead)
             except Exception:
                 log.exception("dead-letter observer %r failed", observe)
-        return dead.to_envelope(max_bytes=self._broker_max_bytes).to_bytes(max_bytes=None)
+        envelope = dead.to_envelope(max_bytes=self._broker_max_bytes)
+        if self.signer is not None:
+            envelope = self.signer.sign(envelope)
+        return envelope.to_bytes(max_bytes=None)
 
     # -- what a backend implements ---------------------------------------------------------
 

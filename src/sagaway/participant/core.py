@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
@@ -51,6 +51,10 @@ from sagaway.messaging.base import (
 from sagaway.messaging.envelope import Envelope
 from sagaway.participant.base import Database, open_database
 from sagaway.participant.relay import OutboxRelay
+
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
+    from sagaway.protection.signing import EnvelopeSigner
 
 __all__ = ["REPLY_TYPE", "Command", "CommandRejected", "Participant"]
 
@@ -140,6 +144,13 @@ class Participant:
             the handling runs inside the context manager it returns. For tracing:
             ``sagaway.observability.participant_tracing()`` continues the orchestrator's
             trace from the envelope's ``traceparent`` header.
+        codec: the payload codec the orchestrator uses (``AesGcmCodec``): command payloads
+            are opened before the handler sees them, replies are sealed, and the inbox keeps
+            the recorded reply sealed. None reads ``SAGAWAY_KEYS`` (no encryption when
+            unset); False turns it off.
+        signer: signs the replies and checks the commands (``EnvelopeSigner``): unsigned,
+            forged, stale and replayed commands are dead-lettered with the reason. None
+            reads ``SAGAWAY_SIGNING_KEYS`` (no signing when unset); False turns it off.
 
     Whatever the participant builds from a URL, or opens itself, it closes in ``aclose``;
     a transport or database passed already open is left open.
@@ -158,10 +169,18 @@ class Participant:
         outbox_retention: float | None = 3600.0,
         grace: float | None = DEFAULT_GRACE,
         around_command: Callable[[str, Envelope], AbstractContextManager[Any]] | None = None,
+        codec: PayloadCodec | bool | None = None,
+        signer: EnvelopeSigner | bool | None = None,
     ) -> None:
         self.service = check_destination(service)
         self.transport = open_transport(transport) if isinstance(transport, str) else transport
         self.db = open_database(db)
+        if signer is None or signer is True:
+            from sagaway.protection.signing import signer_from_env
+
+            signer = signer_from_env()
+        if signer:
+            self.transport.signer = signer
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
         self.dead_letter = dead_letter
@@ -170,6 +189,11 @@ class Participant:
         self.relay = OutboxRelay(
             self.db, self.transport, interval=relay_interval, retention=outbox_retention
         )
+        if codec is None or codec is True:
+            from sagaway.protection.codec import codec_from_env
+
+            codec = codec_from_env()
+        self.codec: PayloadCodec | None = codec or None
         self._handlers: dict[str, tuple[Callable[[Command], Any], bool]] = {}
         self._subscription: Subscription | None = None
         self._close_db = False
@@ -321,14 +345,20 @@ class Participant:
         services) reuse this with their own keys, outcomes and messages.
         """
         env = delivery.envelope
+        payload = env.payload
+        if self.codec is not None:
+            payload = self.codec.open(payload, aad=f"msg:{env.id}")
         async with self.db.transaction() as tx:
             recorded = await tx.claim(key, fence=fence)
+            if self.codec is not None and isinstance(recorded, dict) \
+                    and set(recorded) == {"sealed"}:
+                recorded = self.codec.open(recorded["sealed"], aad=f"inbox:{key}")
             if recorded is not None:  # applied before: send the same again
                 await tx.commit(key, None, undo=False, messages=messages(recorded))
             else:
                 cmd = Command(
                     type=env.type,
-                    payload=env.payload,
+                    payload=payload,
                     idempotency_key=key,
                     run_id=env.run_id,
                     step=env.step,
@@ -345,7 +375,9 @@ class Participant:
                     reply, undo = self._refused(env, exc)
                 else:
                     reply, undo = outcome(env, result)
-                await tx.commit(key, reply, undo=undo, messages=messages(reply))
+                kept = reply if self.codec is None else {
+                    "sealed": self.codec.seal(reply, aad=f"inbox:{key}")}
+                await tx.commit(key, kept, undo=undo, messages=messages(reply))
         self.relay.wake()
 
     def _refused(self, env: Envelope, exc: NonRetryableError) -> tuple[dict[str, Any], bool]:
@@ -382,6 +414,9 @@ class Participant:
             idempotency_key=command.idempotency_key,
             correlation_id=command.correlation_id,
         )
+        if self.codec is not None:
+            reply = dataclasses.replace(
+                reply, payload=self.codec.seal(payload, aad=f"msg:{reply.id}"))
         return reply.to_bytes(max_bytes=self.transport.max_message_bytes).decode("utf-8")
 
     def __repr__(self) -> str:

@@ -18,22 +18,25 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagaway.run import HistoryEntry, SagaStatus
 
 __all__ = [
+    "ERASABLE_STATUSES",
     "RUN_COLUMNS",
     "BatchResult",
     "CreateResult",
     "NewRun",
     "OutboxMessage",
     "OutboxRecord",
+    "PayloadRewrite",
     "RunRecord",
     "RunUpdate",
     "Store",
+    "StoredPayloads",
     "created_record",
     "history_from_rows",
     "history_json",
@@ -65,6 +68,9 @@ class RunRecord:
     """Filled only by ``get_run(..., history=True)``."""
     request: dict[str, Any] | None = None
     """An operator request waiting for a worker (see ``Store.request_operation``)."""
+    payload_error: str | None = None
+    """Set by an encrypting store when the run's payloads cannot be decrypted (a key that
+    is not configured): the worker fails the run with this message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,57 @@ class BatchResult:
     created: list[CreateResult] = field(default_factory=list)
     updated: list[bool] = field(default_factory=list)
     """Per update: True if applied, False if fenced (version moved or lease taken)."""
+
+
+ERASABLE_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.RESOLVED)
+"""Runs in these statuses can have their payloads erased (FAILED still needs an operator)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPayloads:
+    """Everything of one run that can hold payload data, as stored (documents as JSON text).
+
+    What erasure, retention and key rotation read (``Store.load_payloads``) and write back
+    (``Store.rewrite_payloads``).
+    """
+
+    run_id: str
+    status: SagaStatus
+    row_version: int
+    updated_at: float
+    erased_at: float | None
+    has_request: bool
+    input_json: str
+    input_hash: str
+    state_json: str
+    error: str | None
+    history: dict[int, str]
+    """History rows: the row version after the transition → its entries (JSON array text)."""
+    outbox: dict[str, str]
+    """The run's outbox messages, sent or not: message id → body."""
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadRewrite:
+    """Replace a run's payload-bearing fields, if its row version is still
+    ``expected_version`` (a worker's write in between makes it a no-op: read again)."""
+
+    run_id: str
+    expected_version: int
+    input_json: str
+    input_hash: str
+    state_json: str
+    error: str | None
+    history: Mapping[int, str] = field(default_factory=dict)
+    """History rows to replace (by their row version); others are left as they are."""
+    outbox: Mapping[str, str] = field(default_factory=dict)
+    """Outbox bodies to replace, by message id."""
+    append: Sequence[HistoryEntry] = ()
+    """Timeline lines to append as a transition of their own: bumps the row version and
+    ``updated_at`` (erasure records ``run.erased``); without them the version stays."""
+    erased: bool = False
+    """Stamp ``erased_at`` (the run's payloads are gone; retention skips it)."""
+    now: float = 0.0
 
 
 # -- helpers for SQL backends -------------------------------------------------------------
@@ -406,6 +463,24 @@ class Store(abc.ABC):
         """Runs that are active or FAILED, by (saga, status): (how many, how many of them
         have had no transition since ``updated_before``). For metrics gauges: it reads the
         status index only, never the finished runs."""
+    # -- erasure, retention and key rotation (rare, operator-driven) -------------------------
+
+    @abc.abstractmethod
+    async def load_payloads(self, run_id: str) -> StoredPayloads | None:
+        """A run's payload-bearing fields as stored (None: no such run)."""
+
+    @abc.abstractmethod
+    async def rewrite_payloads(self, rewrite: PayloadRewrite) -> bool:
+        """Apply ``rewrite`` in one transaction if the run is still at its expected row
+        version; return whether it applied. Never touches the lease, status or request."""
+
+    @abc.abstractmethod
+    async def payload_run_ids(self, *, after: str | None, limit: int,
+                              finished_before: float | None = None) -> list[str]:
+        """Run ids in id order after the cursor ``after``: all runs, or with
+        ``finished_before`` only runs in ``ERASABLE_STATUSES``, not erased yet, with no
+        operator request, whose last transition is older than that time (what retention
+        purges)."""
 
     async def __aenter__(self) -> Store:
         await self.open()

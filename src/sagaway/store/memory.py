@@ -15,14 +15,17 @@ from typing import Any
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import (
+    ERASABLE_STATUSES,
     BatchResult,
     CreateResult,
     NewRun,
     OutboxMessage,
     OutboxRecord,
+    PayloadRewrite,
     RunRecord,
     RunUpdate,
     Store,
+    StoredPayloads,
 )
 
 __all__ = ["MemoryStore"]
@@ -46,6 +49,7 @@ class _Row:
     record: RunRecord
     state_json: str
     history: list[str] = field(default_factory=list)
+    erased_at: float | None = None
 
 
 class MemoryStore(Store):
@@ -162,6 +166,7 @@ class MemoryStore(Store):
                 ),
                 json.dumps(upd.state),
                 [*current.history, *(json.dumps(h.to_json()) for h in upd.history)],
+                current.erased_at,
             )
             emit(upd.run_id, upd.outbox)
             result.updated.append(True)
@@ -235,6 +240,7 @@ class MemoryStore(Store):
             ),
             row.state_json,
             [*row.history, *(json.dumps(h.to_json()) for h in history)],
+            row.erased_at,
         )
         return self._load(self._rows[run_id])
 
@@ -332,3 +338,62 @@ class MemoryStore(Store):
             if saga is None or row.record.saga == saga:
                 counts[row.record.status] = counts.get(row.record.status, 0) + 1
         return counts
+
+    # -- erasure, retention and key rotation -------------------------------------------------
+    # History is kept one line per entry here, so each line is presented as a "row" of one
+    # (keyed by its position): callers treat the keys as opaque and pass them back.
+
+    async def load_payloads(self, run_id: str) -> StoredPayloads | None:
+        row = self._rows.get(run_id)
+        if row is None:
+            return None
+        rec = row.record
+        return StoredPayloads(
+            run_id, rec.status, rec.row_version, rec.updated_at, row.erased_at,
+            rec.request is not None, json.dumps(rec.input), rec.input_hash, row.state_json,
+            rec.error, {i: f"[{line}]" for i, line in enumerate(row.history)},
+            {m.id: m.body for m in self._outbox.values() if m.run_id == run_id},
+        )
+
+    async def rewrite_payloads(self, rewrite: PayloadRewrite) -> bool:
+        rw = rewrite
+        row = self._rows.get(rw.run_id)
+        if row is None or row.record.row_version != rw.expected_version:
+            return False
+        history = list(row.history)
+        for i, text in rw.history.items():
+            if 0 <= i < len(history):
+                history[i] = "\n".join(json.dumps(e) for e in json.loads(text))
+        # A replaced row may hold no entry or several; keep one line per entry.
+        lines = [line for text in history for line in text.split("\n") if line]
+        lines += [json.dumps(h.to_json()) for h in rw.append]
+        rec = row.record
+        self._rows[rw.run_id] = _Row(
+            replace(rec, input=json.loads(rw.input_json), input_hash=rw.input_hash,
+                    error=rw.error,
+                    row_version=rec.row_version + (1 if rw.append else 0),
+                    updated_at=rw.now if rw.append else rec.updated_at),
+            rw.state_json, lines, rw.now if rw.erased else row.erased_at,
+        )
+        for mid, body in rw.outbox.items():
+            m = self._outbox.get(mid)
+            if m is not None and m.run_id == rw.run_id:
+                m.body = body
+        return True
+
+    async def payload_run_ids(self, *, after: str | None, limit: int,
+                              finished_before: float | None = None) -> list[str]:
+        out: list[str] = []
+        for run_id in sorted(self._rows):
+            if len(out) >= limit:
+                break
+            if after is not None and run_id <= after:
+                continue
+            row = self._rows[run_id]
+            if finished_before is not None and not (
+                    row.record.status in ERASABLE_STATUSES
+                    and row.record.updated_at < finished_before
+                    and row.erased_at is None and row.record.request is None):
+                continue
+            out.append(run_id)
+        return out

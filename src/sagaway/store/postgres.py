@@ -26,14 +26,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import (
+    ERASABLE_STATUSES,
     RUN_COLUMNS,
     BatchResult,
     CreateResult,
     NewRun,
     OutboxRecord,
+    PayloadRewrite,
     RunRecord,
     RunUpdate,
     Store,
+    StoredPayloads,
     created_record,
     history_from_rows,
     history_json,
@@ -56,6 +59,7 @@ _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE_STATUSES)
 _COLUMNS = ", ".join(
     f"{c}::text" if c in ("input", "state", "request") else c for c in RUN_COLUMNS
 )
+_ERASABLE = [s.value for s in ERASABLE_STATUSES]
 _RCOLUMNS = ", ".join(
     f"r.{c.strip()}" for c in _COLUMNS.split(",")
 )
@@ -535,3 +539,68 @@ class PostgresStore(Store):
                 saga,
             )
         return {SagaStatus(r[0]): int(r[1]) for r in rows}
+
+    # -- erasure, retention and key rotation -------------------------------------------------
+
+    async def load_payloads(self, run_id: str) -> StoredPayloads | None:
+        async with self._conn() as conn, conn.transaction(isolation="repeatable_read",
+                                                         readonly=True):
+            row = await conn.fetchrow(
+                "SELECT status, row_version, updated_at, erased_at, request IS NOT NULL,"
+                " input::text, input_hash, state::text, error FROM sagaway_runs WHERE id = $1",
+                run_id)
+            if row is None:
+                return None
+            history = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT seq, entries::text FROM sagaway_history WHERE run_id = $1", run_id)}
+            outbox = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT id, body FROM sagaway_outbox WHERE run_id = $1", run_id)}
+        return StoredPayloads(run_id, SagaStatus(row[0]), row[1], row[2], row[3], row[4],
+                              row[5], row[6], row[7], row[8], history, outbox)
+
+    async def rewrite_payloads(self, rewrite: PayloadRewrite) -> bool:
+        rw = rewrite
+        bump = 1 if rw.append else 0
+        async with self._conn() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "UPDATE sagaway_runs SET input = $1::json, input_hash = $2, state = $3::json,"
+                " error = $4, row_version = row_version + $5,"
+                " updated_at = CASE WHEN $6 THEN $7 ELSE updated_at END,"
+                " erased_at = CASE WHEN $8 THEN $7 ELSE erased_at END"
+                " WHERE id = $9 AND row_version = $10 RETURNING 1",
+                rw.input_json, rw.input_hash, rw.state_json, rw.error, bump, bool(bump),
+                rw.now, rw.erased, rw.run_id, rw.expected_version)
+            if done is None:
+                return False
+            if rw.history:
+                await conn.execute(
+                    "UPDATE sagaway_history AS h SET entries = u.entries::json"
+                    " FROM unnest($1::bigint[], $2::text[]) AS u(seq, entries)"
+                    " WHERE h.run_id = $3 AND h.seq = u.seq",
+                    list(rw.history), list(rw.history.values()), rw.run_id)
+            if rw.outbox:
+                await conn.execute(
+                    "UPDATE sagaway_outbox AS o SET body = u.body"
+                    " FROM unnest($1::text[], $2::text[]) AS u(id, body)"
+                    " WHERE o.id = u.id AND o.run_id = $3",
+                    list(rw.outbox), list(rw.outbox.values()), rw.run_id)
+            if rw.append:
+                await conn.execute(
+                    "INSERT INTO sagaway_history (run_id, seq, entries) VALUES ($1, $2, $3::json)",
+                    rw.run_id, rw.expected_version + 1, history_json(rw.append))
+        return True
+
+    async def payload_run_ids(self, *, after: str | None, limit: int,
+                              finished_before: float | None = None) -> list[str]:
+        async with self._conn() as conn:
+            if finished_before is None:
+                rows = await conn.fetch(
+                    "SELECT id FROM sagaway_runs WHERE id > $1 ORDER BY id LIMIT $2",
+                    after or "", int(limit))
+            else:
+                rows = await conn.fetch(
+                    "SELECT id FROM sagaway_runs WHERE id > $1 AND status = ANY($2::text[])"
+                    " AND updated_at < $3 AND erased_at IS NULL AND request IS NULL"
+                    " ORDER BY id LIMIT $4",
+                    after or "", _ERASABLE, float(finished_before), int(limit))
+        return [r[0] for r in rows]

@@ -27,15 +27,18 @@ from urllib.parse import parse_qs, urlsplit
 from sagaway.errors import StoreError
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaStatus
 from sagaway.store.base import (
+    ERASABLE_STATUSES,
     RUN_COLUMNS,
     BatchResult,
     CreateResult,
     NewRun,
     OutboxMessage,
     OutboxRecord,
+    PayloadRewrite,
     RunRecord,
     RunUpdate,
     Store,
+    StoredPayloads,
     created_record,
     history_from_rows,
     history_json,
@@ -51,6 +54,7 @@ T = TypeVar("T")
 _ACTIVE = tuple(s.value for s in ACTIVE_STATUSES)
 _ACTIVE_SQL = ", ".join(f"'{s}'" for s in _ACTIVE)
 _COLUMNS = ", ".join(RUN_COLUMNS)
+_ERASABLE_SQL = ", ".join(f"'{s.value}'" for s in ERASABLE_STATUSES)
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -568,5 +572,97 @@ class SQLiteStore(Store):
                     (saga,),
                 )
             return {SagaStatus(status): n for status, n in rows}
+
+        return await self._run(read)
+
+    # -- erasure, retention and key rotation -------------------------------------------------
+
+    async def load_payloads(self, run_id: str) -> StoredPayloads | None:
+        def read(conn: sqlite3.Connection) -> StoredPayloads | None:
+            # One read transaction: the run row, its history and outbox from one snapshot.
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT status, row_version, updated_at, erased_at, request IS NOT NULL, "
+                    "input, input_hash, state, error FROM sagaway_runs WHERE id = ?",
+                    (run_id,),
+                ).fetchone()
+                if row is None:
+                    return None
+                history = dict(conn.execute(
+                    "SELECT seq, entries FROM sagaway_history WHERE run_id = ?", (run_id,)))
+                outbox = dict(conn.execute(
+                    "SELECT id, body FROM sagaway_outbox WHERE run_id = ?", (run_id,)))
+            finally:
+                conn.execute("COMMIT")
+            return StoredPayloads(run_id, SagaStatus(row[0]), row[1], row[2], row[3],
+                                  bool(row[4]), row[5], row[6], row[7], row[8], history,
+                                  outbox)
+
+        return await self._run(read)
+
+    async def rewrite_payloads(self, rewrite: PayloadRewrite) -> bool:
+        rw = rewrite
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            # secure_delete zeroes the old cells instead of leaving them in free space, and
+            # the checkpoint afterwards drops the WAL's older copies of the pages: erased
+            # data is then gone from the file, not only from the rows.
+            conn.execute("PRAGMA secure_delete=ON")
+            try:
+                done = write(conn)
+            finally:
+                conn.execute("PRAGMA secure_delete=OFF")
+            if done and rw.erased:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return done
+
+        def write(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            bump = 1 if rw.append else 0
+            cur = conn.execute(
+                "UPDATE sagaway_runs SET input = ?, input_hash = ?, state = ?, error = ?, "
+                "row_version = row_version + ?, "
+                "updated_at = CASE WHEN ? THEN ? ELSE updated_at END, "
+                "erased_at = CASE WHEN ? THEN ? ELSE erased_at END "
+                "WHERE id = ? AND row_version = ?",
+                (rw.input_json, rw.input_hash, rw.state_json, rw.error, bump, bool(bump),
+                 rw.now, rw.erased, rw.now, rw.run_id, rw.expected_version),
+            )
+            if cur.rowcount != 1:
+                conn.execute("ROLLBACK")
+                return False
+            conn.executemany(
+                "UPDATE sagaway_history SET entries = ? WHERE run_id = ? AND seq = ?",
+                [(text, rw.run_id, seq) for seq, text in rw.history.items()],
+            )
+            conn.executemany(
+                "UPDATE sagaway_outbox SET body = ? WHERE id = ? AND run_id = ?",
+                [(body, mid, rw.run_id) for mid, body in rw.outbox.items()],
+            )
+            if rw.append:
+                conn.execute(
+                    "INSERT INTO sagaway_history (run_id, seq, entries) VALUES (?, ?, ?)",
+                    (rw.run_id, rw.expected_version + 1, history_json(rw.append)),
+                )
+            conn.execute("COMMIT")
+            return True
+
+        return await self._run(tx)
+
+    async def payload_run_ids(self, *, after: str | None, limit: int,
+                              finished_before: float | None = None) -> list[str]:
+        def read(conn: sqlite3.Connection) -> list[str]:
+            if finished_before is None:
+                rows = conn.execute(
+                    "SELECT id FROM sagaway_runs WHERE id > ? ORDER BY id LIMIT ?",
+                    (after or "", int(limit)))
+            else:
+                rows = conn.execute(
+                    f"SELECT id FROM sagaway_runs WHERE id > ? AND status IN ({_ERASABLE_SQL}) "
+                    f"AND updated_at < ? AND erased_at IS NULL AND request IS NULL "
+                    f"ORDER BY id LIMIT ?",
+                    (after or "", float(finished_before), int(limit)))
+            return [r[0] for r in rows]
 
         return await self._run(read)

@@ -34,7 +34,15 @@ import pytest
 
 from sagaway.errors import SagawayError, StoreError
 from sagaway.run import HistoryEntry, SagaStatus
-from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
+from sagaway.store.base import (
+    NewRun,
+    OutboxMessage,
+    PayloadRewrite,
+    RunRecord,
+    RunUpdate,
+    Store,
+    StoredPayloads,
+)
 from sagaway.testing import FakeClock
 
 __all__ = [
@@ -1024,6 +1032,131 @@ class StoreConformance:
         got = await fetch(store, "run-1")
         assert got.state == state_doc()
         assert got.input == {"items": [1, 2]}
+
+    # -- erasure, retention and key rotation: rewriting a run's payloads --------------------
+
+    async def _payload_run(self, store: Store) -> StoredPayloads:
+        first = [HistoryEntry(T0, "run.started"),
+                 HistoryEntry(T0, "step.started", "reserve", 1)]
+        second = [HistoryEntry(T0 + 1, "step.failed", "reserve", 1,
+                               {"error": "card 4111 declined", "retryable": False}),
+                  HistoryEntry(T0 + 1, "run.finished", data={"status": "COMPENSATED"})]
+        await create(store, replace(new_run("r-1", input={"card": "4111"}, history=first),
+                                    outbox=[OutboxMessage("m-1", "inventory",
+                                                          '{"id":"m-1","payload":{"a":1}}')]))
+        assert await apply(store, replace(
+            update("r-1", 1, status=SagaStatus.COMPENSATED, error="card 4111 declined",
+                   history=second, release=True),
+            outbox=[OutboxMessage("m-2", "events", '{"id":"m-2","payload":null}')])) == [True]
+        stored = await store.load_payloads("r-1")
+        assert stored is not None
+        return stored
+
+    async def test_load_payloads_returns_every_payload_bearing_field(
+            self, store: Store) -> None:
+        assert await store.load_payloads("nope") is None
+        stored = await self._payload_run(store)
+        assert (stored.run_id, stored.status, stored.row_version, stored.erased_at,
+                stored.has_request) == ("r-1", SagaStatus.COMPENSATED, 2, None, False)
+        assert json.loads(stored.input_json) == {"card": "4111"}
+        assert json.loads(stored.state_json) == state_doc("SUCCEEDED")
+        assert stored.error == "card 4111 declined"
+        entries = [e for k in sorted(stored.history) for e in json.loads(stored.history[k])]
+        assert [HistoryEntry.from_json(e) for e in entries] == (await fetch(store, "r-1")
+                                                                ).history
+        assert stored.outbox == {"m-1": '{"id":"m-1","payload":{"a":1}}',
+                                 "m-2": '{"id":"m-2","payload":null}'}
+
+    async def test_rewrite_payloads_replaces_them_and_keeps_the_row_version(
+            self, store: Store) -> None:
+        stored = await self._payload_run(store)
+        history = {}
+        for key, text in stored.history.items():
+            entries = json.loads(text)
+            for e in entries:
+                if "error" in e.get("data", {}):
+                    e["data"]["error"] = "[gone]"
+                    history[key] = json.dumps(entries)
+        assert len(history) == 1
+        # The input's fingerprint is the engine's (SHA-256 of its canonical text), which a
+        # store that keys it differently still gives back.
+        h2 = hashlib.sha256(b'"sealed-input"').hexdigest()
+        ok = await store.rewrite_payloads(PayloadRewrite(
+            "r-1", 2, input_json='"sealed-input"', input_hash=h2,
+            state_json=json.dumps({"status": "COMPENSATED", "steps": {}}), error="[gone]",
+            history=history, outbox={"m-1": '{"id":"m-1","payload":"sealed"}'}, now=T0 + 5))
+        assert ok
+        got = await fetch(store, "r-1")
+        assert (got.input, got.input_hash, got.error, got.row_version, got.updated_at) == (
+            "sealed-input", h2, "[gone]", 2, T0 + 1)
+        assert got.state == {"status": "COMPENSATED", "steps": {}}
+        assert got.history is not None and len(got.history) == 4
+        assert got.history[2].data == {"error": "[gone]", "retryable": False}
+        again = await store.load_payloads("r-1")
+        assert again is not None and again.erased_at is None
+        assert again.outbox["m-1"] == '{"id":"m-1","payload":"sealed"}'
+        claimed = await store.claim_outbox(owner=OWNER, lease_seconds=LEASE, limit=10)
+        assert sorted(m.id for m in claimed) == ["m-1", "m-2"]
+
+    async def test_rewrite_payloads_with_an_entry_is_a_transition_and_can_mark_erased(
+            self, store: Store) -> None:
+        stored = await self._payload_run(store)
+        erased = HistoryEntry(T0 + 9, "run.erased", data={"actor": "ops", "reason": "gdpr"})
+        assert await store.rewrite_payloads(PayloadRewrite(
+            "r-1", 2, input_json="null", input_hash="erased", state_json=stored.state_json,
+            error=None, append=[erased], erased=True, now=T0 + 9))
+        got = await fetch(store, "r-1")
+        assert (got.input, got.error, got.row_version, got.updated_at, got.status) == (
+            None, None, 3, T0 + 9, SagaStatus.COMPENSATED)
+        assert got.history is not None and got.history[-1] == erased and len(got.history) == 5
+        after = await store.load_payloads("r-1")
+        assert after is not None and after.erased_at == T0 + 9
+
+    async def test_rewrite_payloads_is_fenced_on_the_row_version(self, store: Store) -> None:
+        stored = await self._payload_run(store)
+        stale = PayloadRewrite("r-1", 1, input_json='"x"', input_hash="x",
+                               state_json="{}", error=None, now=T0 + 3)
+        assert not await store.rewrite_payloads(stale)
+        assert not await store.rewrite_payloads(replace(stale, run_id="nope"))
+        got = await fetch(store, "r-1")
+        assert got.input == {"card": "4111"} and got.row_version == stored.row_version
+
+    async def test_a_rewrite_without_entries_does_not_fence_the_owner(
+            self, store: Store) -> None:
+        await create(store, new_run("r-1"))
+        assert await store.rewrite_payloads(PayloadRewrite(
+            "r-1", 1, input_json='"sealed"', input_hash="h", state_json=json.dumps(
+                state_doc()), error=None, now=T0 + 1))
+        assert await apply(store, update("r-1", 1)) == [True]
+        assert (await fetch(store, "r-1")).input == "sealed"
+
+    async def test_payload_run_ids_pages_in_id_order_and_finds_what_retention_purges(
+            self, store: Store) -> None:
+        statuses = [SagaStatus.COMPLETED, SagaStatus.RUNNING, SagaStatus.COMPENSATED,
+                    SagaStatus.FAILED, SagaStatus.RESOLVED, SagaStatus.COMPLETED]
+        for i, status in enumerate(statuses):
+            await create(store, new_run(f"r-{i}", now=T0 + i))
+            assert await apply(store, update(f"r-{i}", 1, status=status, now=T0 + i,
+                                             release=status.finished)) == [True]
+        everything = [f"r-{i}" for i in range(6)]
+        assert await store.payload_run_ids(after=None, limit=100) == everything
+        assert await store.payload_run_ids(after=None, limit=2) == everything[:2]
+        assert await store.payload_run_ids(after="r-1", limit=3) == everything[2:5]
+        # Erasable (COMPLETED, COMPENSATED, RESOLVED), last changed before the cutoff.
+        assert await store.payload_run_ids(after=None, limit=100,
+                                           finished_before=T0 + 5) == ["r-0", "r-2", "r-4"]
+        assert await store.payload_run_ids(after="r-0", limit=1,
+                                           finished_before=T0 + 5) == ["r-2"]
+        await store.request_operation("r-4", allowed=[SagaStatus.RESOLVED],
+                                      request={"action": "x"}, new_status=None, history=[],
+                                      now=T0)
+        stored = await store.load_payloads("r-0")
+        assert stored is not None
+        assert await store.rewrite_payloads(PayloadRewrite(
+            "r-0", stored.row_version, "null", "erased", stored.state_json, None,
+            erased=True, now=T0 + 1))
+        assert await store.payload_run_ids(after=None, limit=100,
+                                           finished_before=T0 + 99) == ["r-2", "r-5"]
 
 
 # -- helpers --------------------------------------------------------------------------------
