@@ -20,6 +20,7 @@ from sagaway.messaging.envelope import Envelope
 from sagaway.messaging.memory import MemoryTransport
 from sagaway.observability import PrometheusMetrics
 from sagaway.observability.metrics import METRIC_NAMES
+from sagaway.protection import EnvelopeSigner
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "sagaway.json"
@@ -87,6 +88,8 @@ async def exported_names(tmp_path: Path) -> set[str]:
             await (await orch.start("shop", order(**extra))).wait(timeout=10)
         text = (await metrics.render()).decode()
     async with MemoryTransport() as transport:
+        # Signed, so the signature-check counters are exported too.
+        transport.signer = EnvelopeSigner({"s1": os.urandom(32)})
         metrics.watch_transport(transport)
 
         async def broken(delivery: Any) -> None:
@@ -139,7 +142,7 @@ def test_promtool_accepts_the_alert_rules(tmp_path: Path) -> None:
     done = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout
+    assert "SUCCESS: 8 rules found" in done.stdout
     # And it would reject a broken rule.
     broken = tmp_path / "broken.yml"
     broken.write_text(ALERTS.read_text().replace("> 0\n", "> \n", 1))

@@ -30,7 +30,7 @@ from sagaway.observability import PrometheusMetrics
 from sagaway.store.base import OutboxMessage
 from sagaway.testing.conformance import new_run
 
-ALLOWED_LABELS = {"saga", "step", "phase", "outcome", "status", "source", "le"}
+ALLOWED_LABELS = {"saga", "step", "phase", "outcome", "status", "source", "le", "reason"}
 
 
 async def test_counters_and_histograms_follow_the_runs(tmp_path: Path) -> None:
@@ -312,3 +312,38 @@ async def test_the_admin_serves_metrics_with_or_without_a_token(tmp_path: Path) 
                              headers={"Authorization": f"Bearer {viewer.secret}"})
         assert got.status_code == 200
         assert value(got.text, "sagaway_runs_awaiting_operator", saga="shop") == 1
+
+
+async def test_refused_starts_and_rejected_envelopes_are_exported(tmp_path: Path) -> None:
+    from sagaway import RateLimited
+    from sagaway.protection import EnvelopeSigner
+
+    metrics = PrometheusMetrics()
+    signer = EnvelopeSigner({"s1": os.urandom(32)})
+    async with MemoryTransport() as transport:
+        transport.signer = signer
+        async with Orchestrator(f"sqlite:///{tmp_path}/s.db", sagas=[shop_saga()],
+                                listeners=[metrics], transport=transport,
+                                start_rate={"shop": 1}) as orch:
+            metrics.watch(orch)
+            await orch.start("shop", order())
+            with pytest.raises(RateLimited):
+                await orch.start("shop", order())
+
+            async def handle(delivery: Any) -> None:
+                pass
+
+            await transport.subscribe("obs-signed", handle)
+            # Unsigned bytes straight onto the queue: the consumer refuses them.
+            await transport.publish_raw("obs-signed",
+                                        Envelope(type="t", payload={}).to_bytes())
+            async with asyncio.timeout(10):
+                while True:
+                    text = (await metrics.render()).decode()
+                    if signer.counts["unsigned"] >= 1:
+                        break
+                    await asyncio.sleep(0.02)
+            text = (await metrics.render()).decode()
+    assert value(text, "sagaway_starts_rejected_total", reason="rate_limited") == 1
+    assert value(text, "sagaway_starts_rejected_total", reason="payload_too_large") == 0
+    assert value(text, "sagaway_envelopes_checked_total", outcome="unsigned") == 1

@@ -33,7 +33,8 @@ from sagaway.store.base import Store
 if TYPE_CHECKING:
     from sagaway.engine.runtime import Orchestrator
 
-__all__ = ["METRIC_NAMES", "PrometheusMetrics", "StoreGauges", "serve_metrics"]
+__all__ = ["METRIC_NAMES", "PrometheusMetrics", "RejectionCounters", "StoreGauges",
+           "serve_metrics"]
 
 log = logging.getLogger("sagaway.observability")
 
@@ -62,6 +63,8 @@ METRIC_NAMES = (
     "sagaway_outbox_oldest_unsent_age_seconds",
     "sagaway_store_up",
     "sagaway_store_stats_age_seconds",
+    "sagaway_starts_rejected_total",
+    "sagaway_envelopes_checked_total",
 )
 """Every metric family this module exports (histograms add _bucket/_sum/_count)."""
 
@@ -186,6 +189,46 @@ class StoreGauges:
                                 value=age)
 
 
+class RejectionCounters:
+    """Exports counters that live as plain dicts elsewhere, read at scrape time: the
+    orchestrators' refused starts (``Orchestrator.rejections``: payload too large, rate
+    limited, too many steps) and the signature checks of signed transports
+    (``EnvelopeSigner.counts``: accepted, unsigned, forged, stale, replayed)."""
+
+    def __init__(self) -> None:
+        self.rejections: list[dict[str, int]] = []
+        self.signers: list[dict[str, int]] = []
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        if self.rejections:
+            starts = CounterMetricFamily(
+                "sagaway_starts_rejected", "Saga starts or registrations refused by a limit.",
+                labels=["reason"])
+            for reason, n in _summed(self.rejections).items():
+                starts.add_metric([reason], n)
+            yield starts
+        if self.signers:
+            checked = CounterMetricFamily(
+                "sagaway_envelopes_checked", "Signature checks of consumed envelopes, by "
+                "outcome (anything but accepted is dead-lettered).", labels=["outcome"])
+            for outcome, n in _summed(self.signers).items():
+                checked.add_metric([outcome], n)
+            yield checked
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, n in list(c.items()):
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 class PrometheusMetrics(Listener):
     """Counts runs, steps and dead letters from the runtime's transitions.
 
@@ -231,6 +274,8 @@ class PrometheusMetrics(Listener):
         self.dead_letters = prom.Counter(
             "sagaway_messages_dead_lettered", "Messages this process's consumers gave up on "
             "and published to a dead-letter destination.", ["source"], registry=r)
+        self.rejection_counters = RejectionCounters()
+        r.register(self.rejection_counters)
         # When each attempt in flight started, by run: (step, phase, attempt) -> time.
         self._open: dict[str, dict[tuple[str, str, int], float]] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -242,6 +287,10 @@ class PrometheusMetrics(Listener):
         letters, and start every counter of its sagas at zero."""
         if orchestrator.transport is not None:
             self.watch_transport(orchestrator.transport)
+        rejections = getattr(orchestrator, "rejections", None)
+        if isinstance(rejections, dict) and not any(
+                rejections is r for r in self.rejection_counters.rejections):
+            self.rejection_counters.rejections.append(rejections)
         self.watch_store(orchestrator.store, clock=orchestrator.clock.now,
                          sagas=[s.name for s in orchestrator.sagas])
         for saga in orchestrator.sagas:
@@ -271,6 +320,10 @@ class PrometheusMetrics(Listener):
         """Count the messages this transport's consumers dead-letter (a participant's too)."""
         if self._on_dead_letter not in transport.dead_letter_observers:
             transport.dead_letter_observers.append(self._on_dead_letter)
+        signer = transport.signer
+        if signer is not None and not any(
+                signer.counts is c for c in self.rejection_counters.signers):
+            self.rejection_counters.signers.append(signer.counts)
 
     async def render(self) -> bytes:
         """The exposition text (refreshing the store gauges first, within the timeout)."""
