@@ -14,10 +14,20 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["ROOT", "Service", "ServiceFailed", "free_port", "start_all", "stop_all"]
+__all__ = [
+    "FINISHED",
+    "ROOT",
+    "SagaFront",
+    "Service",
+    "ServiceFailed",
+    "free_port",
+    "start_all",
+    "stop_all",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 """The checkout the examples live in (put on the services' PYTHONPATH)."""
@@ -172,3 +182,64 @@ def start_all(services: Iterable[Service], timeout: float = 30.0) -> None:
 def stop_all(services: Iterable[Service]) -> None:
     for service in services:
         service.stop()
+
+
+FINISHED = ("COMPLETED", "COMPENSATED", "FAILED", "RESOLVED")
+
+
+class SagaFront:
+    """A client of a :mod:`examples.sagaapi` service: start runs, read them, wait for them."""
+
+    def __init__(self, service: Service, resource: str, client: httpx.Client) -> None:
+        self.service = service
+        self.resource = resource
+        self.client = client
+
+    @property
+    def url(self) -> str:
+        return f"{self.service.url}/{self.resource}"
+
+    def place(self, body: dict[str, Any], *, key: str | None = None) -> str:
+        """``POST /<resource>``; the new run's id."""
+        headers = {"Idempotency-Key": key} if key else {}
+        r = self.client.post(self.url, json=body, headers=headers)
+        r.raise_for_status()
+        run_id: str = r.json()["id"]
+        return run_id
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        r = self.client.get(f"{self.url}/{run_id}")
+        r.raise_for_status()
+        found: dict[str, Any] = r.json()
+        return found
+
+    def counts(self) -> dict[str, int]:
+        found: dict[str, int] = self.client.get(self.url).json()
+        return found
+
+    def wait(self, ids: Iterable[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Wait until every run has finished; each as ``GET /<resource>/{id}`` shows it.
+
+        Raises:
+            TimeoutError: some had not finished after ``timeout`` seconds.
+        """
+        pending = list(ids)
+        done: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            still = []
+            for run_id in pending:
+                found = self.get(run_id)
+                if found["status"] in FINISHED:
+                    done[run_id] = found
+                else:
+                    still.append(run_id)
+            pending = still
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(pending)} {self.resource} unfinished after {timeout} s: "
+                        f"{pending[:5]}"
+                    )
+                time.sleep(0.1)
+        return done

@@ -7,7 +7,6 @@ place orders through the order service, wait for them, check the invariants, sto
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 
 from examples.ecommerce.inventory import DEFAULT_STOCK
 from examples.ecommerce.payment import DEFAULT_BALANCES
-from examples.launch import Service, start_all, stop_all
+from examples.launch import SagaFront, Service, start_all, stop_all
 
 __all__ = ["FAILING_ORDERS", "EcommerceSystem", "Invariants"]
 
@@ -27,8 +26,6 @@ FAILING_ORDERS: dict[str, dict[str, Any]] = {
     "arrange_shipping": {"address": "Atlantis"},  # not delivered to
 }
 """What to change in an order to make it fail at each step (``--fail-at``)."""
-
-FINISHED = ("COMPLETED", "COMPENSATED", "FAILED", "RESOLVED")
 
 
 @dataclass
@@ -97,6 +94,7 @@ class EcommerceSystem:
         )
         self.services = [self.inventory, self.payment, self.shipping, self.orders]
         self.client = httpx.Client(timeout=30.0)
+        self.front = SagaFront(self.orders, "orders", self.client)
 
     def start(self) -> None:
         start_all(self.services)
@@ -128,43 +126,14 @@ class EcommerceSystem:
 
     def place(self, body: dict[str, Any], *, key: str | None = None) -> str:
         """``POST /orders``; the order's id."""
-        headers = {"Idempotency-Key": key} if key else {}
-        r = self.client.post(self.orders.url + "/orders", json=body, headers=headers)
-        r.raise_for_status()
-        order_id: str = r.json()["id"]
-        return order_id
+        return self.front.place(body, key=key)
 
     def get(self, order_id: str) -> dict[str, Any]:
-        r = self.client.get(f"{self.orders.url}/orders/{order_id}")
-        r.raise_for_status()
-        found: dict[str, Any] = r.json()
-        return found
+        return self.front.get(order_id)
 
     def wait(self, ids: Iterable[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-        """Wait until every order has finished; each order as ``GET /orders/{id}`` shows it.
-
-        Raises:
-            TimeoutError: some had not finished after ``timeout`` seconds.
-        """
-        pending = list(ids)
-        done: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + timeout
-        while pending:
-            still = []
-            for order_id in pending:
-                found = self.get(order_id)
-                if found["status"] in FINISHED:
-                    done[order_id] = found
-                else:
-                    still.append(order_id)
-            pending = still
-            if pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{len(pending)} orders unfinished after {timeout} s: {pending[:5]}"
-                    )
-                time.sleep(0.1)
-        return done
+        """Wait until every order has finished (TimeoutError after ``timeout`` seconds)."""
+        return self.front.wait(ids, timeout)
 
     def check(self, orders: dict[str, dict[str, Any]]) -> Invariants:
         """Compare the services' state with the finished ``orders`` (all orders placed):
