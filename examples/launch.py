@@ -194,6 +194,8 @@ class SagaFront:
         self.service = service
         self.resource = resource
         self.client = client
+        self.placed: list[str] = []
+        """Every run started through this client, oldest first."""
 
     @property
     def url(self) -> str:
@@ -205,6 +207,8 @@ class SagaFront:
         r = self.client.post(self.url, json=body, headers=headers)
         r.raise_for_status()
         run_id: str = r.json()["id"]
+        if run_id not in self.placed:
+            self.placed.append(run_id)
         return run_id
 
     def get(self, run_id: str) -> dict[str, Any]:

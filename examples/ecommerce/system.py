@@ -135,9 +135,12 @@ class EcommerceSystem:
         """Wait until every order has finished (TimeoutError after ``timeout`` seconds)."""
         return self.front.wait(ids, timeout)
 
-    def check(self, orders: dict[str, dict[str, Any]]) -> Invariants:
+    def check(self, orders: dict[str, dict[str, Any]] | None = None) -> Invariants:
         """Compare the services' state with the finished ``orders`` (all orders placed):
         stock and money neither created nor lost, and only completed orders hold any."""
+        # Default: every order placed through this system.
+        if orders is None:
+            orders = self.wait(self.front.placed)
         completed = {i for i, o in orders.items() if o["status"] == "COMPLETED"}
         compensated = {i for i, o in orders.items() if o["status"] == "COMPENSATED"}
         report = Invariants(completed, compensated)

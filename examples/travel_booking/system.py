@@ -98,8 +98,11 @@ class TravelSystem:
     def wait(self, ids: Iterable[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
         return self.front.wait(ids, timeout)
 
-    def check(self, trips: dict[str, dict[str, Any]]) -> Invariants:
+    def check(self, trips: dict[str, dict[str, Any]] | None = None) -> Invariants:
         """No place created or lost, and exactly the completed trips hold bookings."""
+        # Default: every trip placed through this system.
+        if trips is None:
+            trips = self.wait(self.front.placed)
         completed = {i for i, t in trips.items() if t["status"] == "COMPLETED"}
         compensated = {i for i, t in trips.items() if t["status"] == "COMPENSATED"}
         report = Invariants(completed, compensated)
