@@ -6,8 +6,10 @@ several can share one broker; :meth:`BankSystem.delete_queues` removes them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,11 +48,18 @@ async def amqp_problem(url: str) -> str | None:
         import aio_pika
     except ImportError:
         return "aio-pika is not installed: pip install 'sagaway[rabbitmq]'"
+    quiet = [logging.getLogger(name) for name in ("aio_pika", "aiormq")]
+    levels = [log.level for log in quiet]
+    for log in quiet:  # the error is reported once, by the caller
+        log.setLevel(logging.CRITICAL)
     try:
         connection = await aio_pika.connect(url, timeout=5)
+        await connection.close()
     except Exception as exc:
         return f"cannot reach RabbitMQ at {url}: {exc}"
-    await connection.close()
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
     return None
 
 
@@ -105,8 +114,11 @@ class BankSystem:
         start_all(self.services)
 
     def stop(self) -> None:
+        """Stop the processes and delete this system's queues from the broker."""
         stop_all(reversed(self.services))
         self.client.close()
+        with contextlib.suppress(Exception):
+            asyncio.run(self.delete_queues())
 
     def __enter__(self) -> BankSystem:
         self.start()
