@@ -63,7 +63,7 @@ try:
     from fastapi.encoders import jsonable_encoder
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "idempotent FastAPI endpoints need FastAPI: pip install 'sagaway[admin]'"
+        "idempotent FastAPI endpoints need FastAPI: pip install 'sagaway[fastapi]'"
     ) from exc
 
 __all__ = [
