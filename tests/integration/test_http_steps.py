@@ -260,6 +260,43 @@ async def test_a_service_that_comes_up_late_is_retried_until_it_answers(
     assert call.headers["x-sagaway-attempt"] == str(run.steps["reserve"]["attempts"])
 
 
+async def test_a_connection_cut_after_sending_is_possibly_applied(store_url: str) -> None:
+    # A real socket server that reads the whole request, then hangs up without answering:
+    # the request reached the service, so it may have taken effect.
+    requests: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n")
+                           if ln.lower().startswith(b"content-length:")), b"0"))
+        requests.append(head + await reader.readexactly(length))
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    saga = Saga("cut")
+    saga.http_step("reserve", "POST", "{shop}/reservations",
+                   compensation=("POST", "{shop}/cancellations/{input[order_id]}"), retry=FAST,
+                   compensation_retry=ONCE)
+    try:
+        async with Orchestrator(store_url, sagas=[saga],
+                                services={"shop": f"http://127.0.0.1:{port}"}) as orch:
+            run = await (await orch.start("cut", ORDER)).wait(timeout=20)
+    finally:
+        server.close()
+        await server.wait_closed()
+    # The compensation is cut too (and gets one attempt here), so the run ends FAILED;
+    # what matters is that the cut attempts were read as possibly applied and undone.
+    assert run.status is SagaStatus.FAILED
+    assert "POST shop /cancellations/o-1: connection lost" in (run.error or "")
+    failures = errors(run, "reserve")
+    assert len(failures) == 2
+    assert all("connection lost" in e for e in failures)
+    assert all("may have taken effect" in e for e in failures)
+    assert run.steps["reserve"]["maybe_applied"] is True
+    assert any(r.startswith(b"POST /cancellations/o-1 ") for r in requests)
+
+
 async def test_a_body_that_does_not_match_the_model_fails_and_is_compensated(
         store_url: str, script: Script, service: ThreadServer) -> None:
     plan_happy(script)

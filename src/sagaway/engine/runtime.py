@@ -189,7 +189,9 @@ class Orchestrator:
             ``SAGAWAY_SERVICE_<NAME>`` environment variable; ``open()`` raises
             DefinitionError for one found in neither.
         http_connections: the most HTTP connections open at once (one pooled client
-            serves every HTTP step of this worker).
+            serves every HTTP step of this worker); more requests than this wait for a
+            free connection within their timeout. httpx's pool does work per request that
+            grows with its size, so a pool far larger than the concurrency costs CPU.
     """
 
     def __init__(
@@ -209,7 +211,7 @@ class Orchestrator:
         transport: str | Transport | None = None,
         reply_to: str = "sagaway.replies",
         services: Mapping[str, str] | None = None,
-        http_connections: int = 512,
+        http_connections: int = 100,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")

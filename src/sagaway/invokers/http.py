@@ -152,7 +152,7 @@ class HttpInvoker:
             that finds none free waits (within its timeout) for one.
     """
 
-    def __init__(self, services: Mapping[str, str], *, max_connections: int = 512) -> None:
+    def __init__(self, services: Mapping[str, str], *, max_connections: int = 100) -> None:
         hx = _import_httpx()
         self._httpx = hx
         self.services = dict(services)
@@ -316,8 +316,9 @@ class HttpInvoker:
                                    f"taken effect)", retryable=True, maybe_applied=True
                                    ) from None
         except httpx.RemoteProtocolError as exc:
-            raise InvocationFailed(f"{what}: no valid answer ({exc}) (may have taken effect)",
-                                   retryable=True, maybe_applied=True) from None
+            raise InvocationFailed(f"{what}: connection lost ({_kind(exc)}: {exc}) (may "
+                                   f"have taken effect)", retryable=True, maybe_applied=True
+                                   ) from None
         except (TypeError, ValueError) as exc:  # a body json cannot encode
             raise InvocationFailed(f"{what}: the body cannot be sent as JSON: {exc} "
                                    f"(nothing was sent)", retryable=False) from None
