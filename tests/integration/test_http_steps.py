@@ -320,6 +320,54 @@ async def test_a_text_body_against_a_model_is_a_mismatch(store_url: str, script:
     assert "OK, charged" in errors(run, "charge")[0]
 
 
+async def test_bodies_built_by_the_definition(store_url: str, script: Script,
+                                             service: ThreadServer) -> None:
+    saga = Saga("bodies")
+    saga.http_step("reserve", "PUT", "{shop}/reservations/{input[order_id]}",
+                   json=lambda ctx, data: {"sku": data["sku"], "step": ctx.step},
+                   compensation=("PATCH", "{shop}/reservations/{input[order_id]}"),
+                   compensation_json=lambda ctx, data, result: {"cancel": result["rid"]})
+    saga.http_step("charge", "POST", "{shop}/payments", json=lambda ctx, data: 1 / 0,
+                   compensation=("DELETE", "{shop}/payments/{input[order_id]}"))
+    script.plan("PUT", "/reservations/o-1", Reply(200, {"rid": "r-5"}))
+    run = await run_shop(store_url, service, saga)
+    assert run.status is SagaStatus.COMPENSATED, run.error
+    [put] = script.to("PUT", "/reservations/o-1")
+    assert put.body == {"sku": "book", "step": "reserve"}
+    [patch] = script.to("PATCH", "/reservations/o-1")
+    assert patch.body == {"cancel": "r-5"}
+    # A body builder that raises fails the step before anything is sent: not retried,
+    # nothing to undo.
+    assert not script.to("POST", "/payments") and not script.to("DELETE", "/payments/o-1")
+    [error] = errors(run, "charge")
+    assert "json= raised ZeroDivisionError" in error and "nothing was sent" in error
+
+
+async def test_a_worker_that_stops_mid_request_hands_the_same_key_to_the_next(
+        shared_store: Any, script: Script, service: ThreadServer) -> None:
+    saga = Saga("handover")
+    saga.http_step("reserve", "POST", "{shop}/reservations",
+                   compensation=("DELETE", "{shop}/reservations/{result[id]}"), timeout=5)
+    script.plan("POST", "/reservations", Reply(201, {"id": "r-1"}, delay=1.0),
+                Reply(201, {"id": "r-1"}))
+    first = Orchestrator(shared_store(), sagas=[saga], services={"shop": service.url},
+                         poll_interval=0.05)
+    await first.open()
+    handle = await first.start("handover", ORDER)
+    while not script.to("POST", "/reservations"):  # noqa: ASYNC110 - a thread fills it
+        await asyncio.sleep(0.01)
+    await first.aclose()  # cuts the request in flight and releases the lease
+    async with Orchestrator(shared_store(), sagas=[saga], services={"shop": service.url},
+                            poll_interval=0.05) as second:
+        run = await second.wait(handle.id, timeout=20)
+    assert run.status is SagaStatus.COMPLETED, run.error
+    cut, retried = script.to("POST", "/reservations")
+    assert cut.key == retried.key == f"{run.id}:reserve:action"
+    assert [cut.headers["x-sagaway-attempt"], retried.headers["x-sagaway-attempt"]] == [
+        "1", "2"]
+    assert "step.interrupted" in kinds(run)
+
+
 # -- headers --------------------------------------------------------------------------------
 
 
