@@ -177,6 +177,21 @@ async def test_a_retried_answer_then_success_completes(store_url: str, script: S
     assert run.steps["charge"]["maybe_applied"] is True
 
 
+async def test_retry_after_delays_the_next_attempt(store_url: str, script: Script,
+                                                  service: ThreadServer) -> None:
+    plan_happy(script)
+    script.plan("POST", "/payments/r%201%2Fx", Reply(429, {"detail": "slow"},
+                                                     headers={"Retry-After": "1"}),
+                Reply(201, {"payment_id": "p-1", "amount": 5}))
+    run = await run_shop(store_url, service,
+                         shop(charge_retry=RetryPolicy(max_attempts=2, initial_backoff=0.01)))
+    assert run.status is SagaStatus.COMPLETED, run.error
+    first, second = script.to("POST", "/payments/r%201%2Fx")
+    assert second.started - first.started >= 0.95
+    [scheduled] = [h for h in run.history if h.kind == "step.retry_scheduled"]
+    assert scheduled.data == {"delay": 1.0}
+
+
 async def test_a_timeout_is_possibly_applied_so_it_is_compensated(
         store_url: str, script: Script, service: ThreadServer) -> None:
     plan_happy(script)

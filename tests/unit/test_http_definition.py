@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from sagaway import DefinitionError, Orchestrator, Saga, StepKind
 from sagaway.definition.http import HttpCall, TemplateError, render_path
-from sagaway.invokers.http import classify, env_var, resolve_services
+from sagaway.invokers.http import classify, env_var, parse_retry_after, resolve_services
 
 
 class Out(BaseModel):
@@ -180,6 +180,17 @@ def test_action_answers(status: int, ok: bool, retryable: bool, maybe_applied: b
 def test_compensation_answers(status: int, ok: bool, retryable: bool) -> None:
     v = classify(status, compensating=True)
     assert (v.ok, v.retryable) == (ok, retryable)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (None, None), ("", None), ("7", 7.0), (" 120 ", 120.0), ("-3", None), ("soon", None),
+    ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # 30 s after `now` below
+    ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past
+    ("Wed, 21 Oct 2015 07:28:30", None),  # no zone: not an HTTP date
+])
+def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert parse_retry_after(value, now) == seconds
 
 
 # -- base URLs ------------------------------------------------------------------------------

@@ -1019,7 +1019,8 @@ class Orchestrator:
                 result = await self._call_within(step.timeout, step.action, ctx, d.input)
         except InvocationFailed as exc:
             event = ActionFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
-                                 retryable=exc.retryable, maybe_applied=exc.maybe_applied)
+                                 retryable=exc.retryable, maybe_applied=exc.maybe_applied,
+                                 retry_after=exc.retry_after)
         except TimeoutError as exc:
             # Our timeout, or the step's own (a client timeout): either way the effect may
             # have happened.
@@ -1064,7 +1065,7 @@ class Orchestrator:
                 await self._call_within(step.compensation_timeout, fn, ctx, d.input, result)
         except InvocationFailed as exc:
             event = CompensationFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
-                                       retryable=exc.retryable)
+                                       retryable=exc.retryable, retry_after=exc.retry_after)
         except TimeoutError as exc:
             what = (f"timed out after {step.compensation_timeout}s"
                     if step.compensation_timeout else _describe(exc))

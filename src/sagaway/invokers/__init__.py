@@ -18,10 +18,13 @@ class InvocationFailed(Exception):
     into the decider's ``ActionFailed``/``CompensationFailed`` event.
     """
 
-    def __init__(self, message: str, *, retryable: bool, maybe_applied: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool, maybe_applied: bool = False,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         """Another attempt may succeed (a 5xx, a timeout, a refused connection)."""
         self.maybe_applied = maybe_applied
         """The service may have carried the request out (a timeout, a 5xx, a cut reply)."""
+        self.retry_after = retry_after
+        """Seconds the service asked to wait before trying again (``Retry-After``)."""

@@ -25,14 +25,19 @@ timeout, connection cut mid-request     yes        yes               per the ret
 For a compensation, 2xx and also 404/410 (nothing to undo) count as undone; any other 4xx
 (but 408/409/425/429) is a refusal that retrying cannot change, so the run ends FAILED at
 once for an operator; everything else is retried by the compensation's policy.
+
+A ``Retry-After`` on a retried answer is passed on (``InvocationFailed.retry_after``): the
+decider waits at least that long before the next attempt, within the policy's cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,7 +51,8 @@ from sagaway.invokers import InvocationFailed
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["HttpInvoker", "Verdict", "classify", "env_var", "resolve_services"]
+__all__ = ["HttpInvoker", "Verdict", "classify", "env_var", "parse_retry_after",
+           "resolve_services"]
 
 _NOT_PROCESSED = frozenset({408, 425, 429})
 """The server says it did not process the request: retry, nothing to undo."""
@@ -192,7 +198,8 @@ class HttpInvoker:
         if not verdict.ok:
             raise InvocationFailed(self._explain(what, response, verdict),
                                    retryable=verdict.retryable,
-                                   maybe_applied=verdict.maybe_applied)
+                                   maybe_applied=verdict.maybe_applied,
+                                   retry_after=_retry_after(response, verdict))
         result = _body(response)
         if call.response_model is not None:
             try:
@@ -237,7 +244,7 @@ class HttpInvoker:
                     return  # the service refuses the action: it never took effect
                 raise InvocationFailed(
                     f"could not learn the action's result to undo it: {exc.message}",
-                    retryable=exc.retryable) from None
+                    retryable=exc.retryable, retry_after=exc.retry_after) from None
             known = True
         values: dict[str, Any] = {"input": data, "results": ctx.results,
                                   "run_id": ctx.run_id, "step": ctx.step}
@@ -253,7 +260,8 @@ class HttpInvoker:
         verdict = classify(response.status_code, compensating=True)
         if not verdict.ok:
             raise InvocationFailed(self._explain(what, response, verdict),
-                                   retryable=verdict.retryable)
+                                   retryable=verdict.retryable,
+                                   retry_after=_retry_after(response, verdict))
 
     # -- the request ---------------------------------------------------------------------
 
@@ -339,6 +347,28 @@ class HttpInvoker:
         if verdict.maybe_applied:
             text += " (may have taken effect)"
         return text
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        return None
+    return max(when.timestamp() - now, 0.0)
+
+
+def _retry_after(response: httpx.Response, verdict: Verdict) -> float | None:
+    if not verdict.retryable:
+        return None
+    return parse_retry_after(response.headers.get("Retry-After"), time.time())
 
 
 def _kind(exc: BaseException) -> str:
