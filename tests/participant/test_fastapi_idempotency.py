@@ -223,6 +223,8 @@ def replicas(db_url: str) -> Iterator[list[str]]:
     }
     procs, urls = [], []
     try:
+        # One after the other: the app creates its business tables at startup, and two
+        # concurrent CREATE TABLE IF NOT EXISTS can collide on PostgreSQL's catalog.
         for _ in range(2):
             port = free_port()
             procs.append(
@@ -244,9 +246,9 @@ def replicas(db_url: str) -> Iterator[list[str]]:
                     cwd=HERE,
                 )
             )
-            urls.append(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 30
-        for url, proc in zip(urls, procs, strict=True):
+            url, proc = f"http://127.0.0.1:{port}", procs[-1]
+            urls.append(url)
+            deadline = time.monotonic() + 30
             while True:
                 assert proc.poll() is None, f"the service at {url} exited"
                 try:
