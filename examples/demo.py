@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,8 +160,9 @@ def _drive(
     )  # fmt: skip
     with progress:
         task = progress.add_task("sagas", total=sagas, ok=0, undone=0)
-        for n in range(sagas):
-            front.place(body(fail_at if n % 2 else None))
+        # Placed by a few clients at once, as a shop's web servers would.
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(front.place, [body(fail_at if n % 2 else None) for n in range(sagas)]))
         deadline = time.monotonic() + timeout
         while True:
             counts = front.counts()

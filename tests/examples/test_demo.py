@@ -83,6 +83,7 @@ def test_demo_bank_over_rabbitmq(amqp_url: str, tmp_path: Path) -> None:
     assert "✓ holds" in result.stdout
 
 
+@pytest.mark.e2e
 def test_demo_bank_without_a_broker_says_so(tmp_path: Path) -> None:
     result = sagaway_cli(tmp_path, "demo", "bank", "--amqp", "amqp://guest:guest@127.0.0.1:1/")
     assert result.returncode == 1
