@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 from sagaway.participant.fastapi import Idempotency, IdempotentRequest
@@ -70,11 +70,15 @@ def create_app(db_url: str) -> FastAPI:
 
     @app.post("/take", status_code=201)
     @idem.endpoint
-    async def take(body: Take, req: IdempotentRequest) -> dict[str, Any]:
+    async def take(
+        body: Take, req: IdempotentRequest, x_stall: float = Header(default=0.0)
+    ) -> dict[str, Any]:
         await execute(req.db, "UPDATE stock SET qty = qty - $1 WHERE sku = $2", body.qty, body.sku)
         await execute(req.db, "INSERT INTO applied VALUES ($1, 'take')", req.key)
-        if body.delay:
-            await asyncio.sleep(body.delay)
+        if body.delay or x_stall:
+            # Headers are not part of the request's fingerprint: a retry without X-Stall
+            # is the same request.
+            await asyncio.sleep(body.delay or x_stall)
         rows = await fetch(req.db, f"SELECT qty FROM stock WHERE sku = '{body.sku}'")
         return {"left": rows[0][0], "key": req.key}
 

@@ -183,7 +183,8 @@ async def test_path_parameters_and_the_openapi_schema_are_the_endpoints_own(
     params = [p["name"] for p in spec["paths"]["/take/{name}"]["delete"]["parameters"]]
     assert params == ["name"]
     take = spec["paths"]["/take"]["post"]
-    assert "parameters" not in take and "requestBody" in take
+    assert [p["name"] for p in take["parameters"]] == ["x-stall"]
+    assert "requestBody" in take
 
 
 def test_a_sync_endpoint_is_refused(tmp_path: Path) -> None:
@@ -284,3 +285,51 @@ async def test_duplicates_sent_to_two_replicas_at_once_apply_once(replicas: list
         final = (await client.get(replicas[0] + "/state")).json()
     assert final["stock"] == STOCK - 5
     assert final["applied"] == [[f"rep-{n}", "take"] for n in range(5)]
+
+
+@pytest.mark.e2e
+def test_a_service_killed_inside_a_handler_keeps_neither_the_change_nor_the_key(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL while the handler's write is done but not committed: after a restart the
+    write is gone and the key unrecorded, so the retry with the same key applies it once."""
+    db = f"sqlite:///{tmp_path}/service.db"
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "IDEM_DB": db, "PYTHONPATH": path}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "idem_app:from_env", "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning"]  # fmt: skip
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env, cwd=HERE)
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, "the service exited"
+            try:
+                if httpx.get(url + "/state", timeout=1).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.1)
+
+    proc = start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            # The handler writes, then stalls 30 s inside the transaction.
+            httpx.post(url + "/take", json={"qty": 5}, headers={**key("kill"), "X-Stall": "30"},
+                       timeout=1.5)  # fmt: skip
+        proc.kill()
+        proc.wait(10)
+        proc = start()
+        assert httpx.get(url + "/state").json() == {"stock": STOCK, "applied": []}
+        retried = httpx.post(url + "/take", json={"qty": 5}, headers=key("kill"), timeout=10)
+        assert retried.status_code == 201 and REPLAYED_HEADER not in retried.headers
+        again = httpx.post(url + "/take", json={"qty": 5}, headers=key("kill"), timeout=10)
+        assert (again.content, again.headers[REPLAYED_HEADER]) == (retried.content, "true")
+        assert httpx.get(url + "/state").json() == {"stock": STOCK - 5,
+                                                     "applied": [["kill", "take"]]}  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait(10)
