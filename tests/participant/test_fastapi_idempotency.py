@@ -187,6 +187,21 @@ async def test_path_parameters_and_the_openapi_schema_are_the_endpoints_own(
     assert "requestBody" in take
 
 
+async def test_purge_forgets_old_keys_only(app: FastAPI, client: httpx.AsyncClient) -> None:
+    idem: Idempotency = app.state.idem
+    assert (await client.post("/take", json={"qty": 1}, headers=key("old"))).status_code == 201
+    assert await idem.purge(3600) == 0
+    await asyncio.sleep(0.05)
+    assert await idem.purge(0.01) == 1
+    assert await idem.purge(0) == 0
+    # Forgotten: the same key now runs again.
+    again = await client.post("/take", json={"qty": 1}, headers=key("old"))
+    assert REPLAYED_HEADER not in again.headers
+    assert (await state(client))["stock"] == STOCK - 2
+    with pytest.raises(ValueError, match="older_than"):
+        await idem.purge(-1)
+
+
 def test_a_sync_endpoint_is_refused(tmp_path: Path) -> None:
     idem = Idempotency(f"sqlite:///{tmp_path}/x.db")
 

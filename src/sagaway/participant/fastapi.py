@@ -40,7 +40,7 @@ with the same key, so this is what makes a retry safe):
   the handler (body validation, ``422``) record nothing.
 
 Keys and responses live in the participant's ``sagaway_inbox`` table, as ``http:<key>``,
-next to the inbox of message-driven commands; they are kept until the service deletes them.
+next to the inbox of message-driven commands; :meth:`Idempotency.purge` forgets old ones.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import functools
 import hashlib
 import inspect
 import json
+import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -57,6 +58,7 @@ from typing import Any, TypeVar
 
 from sagaway.errors import SagawayError
 from sagaway.participant.base import Database, open_database
+from sagaway.participant.sqlite import AsyncSQLiteConnection
 
 try:
     from fastapi import HTTPException, Request, Response
@@ -79,6 +81,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_CHARS = 255
 _PREFIX = "http:"
 _REQUEST_PARAM = "_sagaway_request"
+_PURGE = "DELETE FROM sagaway_inbox WHERE idempotency_key LIKE $1 AND created_at < $2"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -152,6 +155,22 @@ class Idempotency:
         its own): for reads and setup. On SQLite it waits its turn with the requests."""
         async with self.db.transaction() as tx:
             yield tx.connection
+
+    async def purge(self, older_than: float) -> int:
+        """Forget the keys recorded more than ``older_than`` seconds ago; return how many.
+
+        A request retried with a forgotten key runs again: keep keys longer than any caller
+        retries (a saga step's whole retry policy, plus its compensation's).
+        """
+        if older_than < 0:
+            raise ValueError("older_than must be >= 0 seconds")
+        before = time.time() - older_than
+        async with self.connection() as conn:
+            if isinstance(conn, AsyncSQLiteConnection):
+                return await conn.execute(_PURGE.replace("$1", "?").replace("$2", "?"),
+                                          (_PREFIX + "%", before))  # fmt: skip
+            status: str = await conn.execute(_PURGE, _PREFIX + "%", before)
+            return int(status.rsplit(" ", 1)[-1])
 
     def endpoint(self, fn: F) -> F:
         """Make ``fn`` (an ``async def`` FastAPI endpoint) idempotent by its
