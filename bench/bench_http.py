@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--service-workers", type=int, default=1)
-    parser.add_argument("--http-connections", default="100",
+    parser.add_argument("--http-connections", default="16",
                         help="the orchestrator's HTTP pool size(s), comma-separated")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sagaway-bench-http-") as tmp:

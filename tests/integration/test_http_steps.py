@@ -484,6 +484,25 @@ async def test_parallel_http_steps_compensate_even_the_slow_sibling(
         "run.compensating"))
 
 
+async def test_a_hanging_service_does_not_hold_other_services_connections(
+        store_url: str, script: Script, service: ThreadServer) -> None:
+    slow, fast = Saga("slow"), Saga("fast")
+    slow.http_step("look", "GET", "{slow}/hang", read_only=True)
+    fast.http_step("look", "GET", "{fast}/quick", read_only=True)
+    script.plan("GET", "/hang", Reply(200, {"late": True}, delay=1.5))
+    async with Orchestrator(store_url, sagas=[slow, fast], http_connections=1,
+                            services={"slow": service.url, "fast": service.url}) as orch:
+        hanging = await orch.start("slow")
+        while not script.to("GET", "/hang"):  # noqa: ASYNC110 - a thread fills it
+            await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        quick = await (await orch.start("fast")).wait(timeout=20)
+        took = asyncio.get_running_loop().time() - started
+        assert quick.status is SagaStatus.COMPLETED, quick.error
+        assert took < 1.0  # it did not wait for the slow service's one connection
+        assert (await hanging.wait(timeout=20)).status is SagaStatus.COMPLETED
+
+
 # -- configuration errors -------------------------------------------------------------------
 
 

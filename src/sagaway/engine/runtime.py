@@ -188,10 +188,11 @@ class Orchestrator:
             "http://10.0.0.5:8001"}``); a service missing here is read from the
             ``SAGAWAY_SERVICE_<NAME>`` environment variable; ``open()`` raises
             DefinitionError for one found in neither.
-        http_connections: the most HTTP connections open at once (one pooled client
-            serves every HTTP step of this worker); more requests than this wait for a
-            free connection within their timeout. httpx's pool does work per request that
-            grows with its size, so a pool far larger than the concurrency costs CPU.
+        http_connections: the most HTTP connections open at once to one service (each
+            service has its own pool, shared by every HTTP step of this worker); more
+            requests than this wait for a free connection within their timeout. httpx's
+            pool checks every idle connection on every request, so a large pool costs
+            CPU (see the README's figures); raise it for slow services.
     """
 
     def __init__(
@@ -211,7 +212,7 @@ class Orchestrator:
         transport: str | Transport | None = None,
         reply_to: str = "sagaway.replies",
         services: Mapping[str, str] | None = None,
-        http_connections: int = 100,
+        http_connections: int = 16,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")

@@ -1,7 +1,8 @@
 """The HTTP invoker: sends a step's request with httpx and classifies the answer.
 
-One ``httpx.AsyncClient`` per orchestrator (opened with it, closed with it) carries every
-HTTP step, so connections are pooled and reused across runs. Every attempt carries
+Pooled ``httpx.AsyncClient`` connections, one pool per service (opened with the
+orchestrator, closed with it), carry every HTTP step, so connections are reused across runs
+and a hanging service cannot take the connections other services need. Every attempt carries
 ``Idempotency-Key`` (the same on every attempt of the action, another for the
 compensation), ``X-Correlation-Id`` (the run id), ``X-Sagaway-*`` facts about the attempt and
 whatever headers the listeners' ``on_invoke`` returned (``traceparent``).
@@ -150,33 +151,44 @@ def _import_httpx() -> Any:
 
 
 class HttpInvoker:
-    """Sends HTTP steps' requests over one shared, pooled ``httpx.AsyncClient``.
+    """Sends HTTP steps' requests over pooled ``httpx.AsyncClient`` connections.
+
+    Each service gets its own pool (a bulkhead): a service that hangs holds its own
+    connections, never the ones another service's steps need.
 
     Args:
         services: base URL by service name (see ``resolve_services``).
-        max_connections: the most connections open at once, over all services; a request
-            that finds none free waits (within its timeout) for one.
+        max_connections: the most connections open at once to one service; a request that
+            finds none free waits (within its timeout) for one.
     """
 
-    def __init__(self, services: Mapping[str, str], *, max_connections: int = 100) -> None:
-        hx = _import_httpx()
-        self._httpx = hx
-        self.services = dict(services)
-        from sagaway import __version__
-
-        self._client: httpx.AsyncClient = hx.AsyncClient(
-            limits=hx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
-                                keepalive_expiry=30.0),
-            headers={"User-Agent": f"sagaway/{__version__}"},
-            follow_redirects=False,
-        )
+    def __init__(self, services: Mapping[str, str], *, max_connections: int = 16) -> None:
+        self._httpx = _import_httpx()
+        self._max_connections = max_connections
+        self.services: dict[str, str] = {}
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self.add_services(services)
 
     def add_services(self, services: Mapping[str, str]) -> None:
-        self.services.update(services)
+        from sagaway import __version__
+
+        hx = self._httpx
+        for name, url in services.items():
+            if name in self._clients:
+                continue
+            self.services[name] = url
+            self._clients[name] = hx.AsyncClient(
+                limits=hx.Limits(max_connections=self._max_connections,
+                                 max_keepalive_connections=self._max_connections,
+                                 keepalive_expiry=30.0),
+                headers={"User-Agent": f"sagaway/{__version__}"},
+                follow_redirects=False,
+            )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
 
     # -- the two entry points the runtime calls ---------------------------------------------
 
@@ -283,7 +295,8 @@ class HttpInvoker:
             raise InvocationFailed(f"{call.method} {exc} (nothing was sent)",
                                    retryable=False) from None
         base = self.services.get(call.service)
-        if base is None:  # resolve_services ran at open(); only a late register() gets here
+        client = self._clients.get(call.service)
+        if base is None or client is None:  # resolve_services ran at open()
             raise InvocationFailed(f"no base URL for HTTP service {call.service!r}; set "
                                    f"{env_var(call.service)}", retryable=False)
         what = f"{call.method} {call.service} {urlsplit(path).path or '/'}"
@@ -311,7 +324,7 @@ class HttpInvoker:
         try:
             # The whole attempt, a slowly trickling answer included, stays within timeout.
             async with asyncio.timeout(timeout):
-                response = await self._client.request(call.method, base + path, **kwargs)
+                response = await client.request(call.method, base + path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise InvocationFailed(f"{what}: not sent ({_kind(exc)}: {exc})",
                                    retryable=True) from None
