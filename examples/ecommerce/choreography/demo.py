@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from examples.ecommerce.choreography.flow import order_flow
 from examples.ecommerce.choreography.services import (
     Audit,
@@ -34,10 +38,6 @@ from examples.ecommerce.choreography.services import (
     check_invariants,
     place_order,
 )
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from sagaway import Orchestrator, SagaStatus
 from sagaway.choreography import ChoreographedService
 

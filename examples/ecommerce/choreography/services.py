@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from examples.ecommerce.choreography.flow import order_flow
-
 from sagaway import NonRetryableError, SagaStatus
 from sagaway.choreography import ChoreographedService, Choreography, Tracker
 from sagaway.participant import Command

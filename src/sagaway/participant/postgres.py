@@ -160,6 +160,8 @@ class PostgresDatabase(Database):
                     conn = await asyncpg.connect(self.dsn)
                     try:
                         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                    except asyncpg.UniqueViolationError:
+                        pass  # another replica created it at the same moment (IF NOT EXISTS races)
                     finally:
                         await conn.close()
                 settings = {"search_path": self.schema} if self.schema else None
