@@ -4,7 +4,8 @@
   listeners (what metrics hook into) see choreographed runs like orchestrated ones;
 * two trackers consuming one queue over PostgreSQL keep one writer per run;
 * services as processes: SIGKILL one mid-flow, restart it, every saga completes;
-* ``sagaway demo-choreography`` runs the example end to end.
+* ``sagaway demo ecommerce --style choreography`` runs the example end to end, and refuses
+  options that belong to the other demos.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ async def test_a_killed_service_process_resumes_its_queue_after_a_restart(
 async def test_demo_choreography_runs_the_example_and_checks_invariants(
         amqp_url: str, tmp_path: Path) -> None:
     result = await asyncio.to_thread(
-        sagaway_cli, "demo-choreography", "--transport", amqp_url, "-n", "20",
+        sagaway_cli, "demo", "ecommerce", "--style", "choreography", "--transport", amqp_url,
+        "-n", "20",
         "--workdir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stdout + result.stderr
     for text in ("20 choreographed sagas", "COMPLETED", "COMPENSATED",
@@ -192,6 +194,16 @@ async def test_demo_choreography_runs_the_example_and_checks_invariants(
             or "COMPENSATED" in line]
     assert any(line.split("│")[2].strip() == "15" for line in rows if "COMPLETED" in line)
     assert any(line.split("│")[2].strip() == "5" for line in rows if "COMPENSATED" in line)
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "travel", "--style", "choreography"],
+    ["demo", "ecommerce", "--style", "choreography", "--fail-at", "charge_payment"],
+])
+def test_the_choreographed_demo_refuses_what_it_does_not_take(args: list[str]) -> None:
+    result = sagaway_cli(*args)
+    assert result.returncode == 2
+    assert "--style" in result.stdout + result.stderr
 
 
 

@@ -9,7 +9,7 @@ runs the tracker recorded (:func:`~examples.ecommerce.choreography.services.chec
 ::
 
     python -m examples.ecommerce.choreography.demo --transport amqp://guest:guest@127.0.0.1:5672/
-    sagaway demo-choreography --transport nats://127.0.0.1:4222
+    sagaway demo ecommerce --style choreography --transport nats://127.0.0.1:4222
 """
 
 from __future__ import annotations

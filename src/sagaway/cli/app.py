@@ -16,7 +16,7 @@ from rich.text import Text
 from sagaway import Orchestrator, SagaRun, SagaStatus, SagawayError, SQLiteStore, __version__
 from sagaway.admin.masking import Masker
 from sagaway.cli import render
-from sagaway.cli.choreography import choreography_app, demo_choreography
+from sagaway.cli.choreography import choreography_app, run_choreography_demo
 from sagaway.cli.demo import STEPS, DemoError, resume_demo, run_demo
 from sagaway.cli.remote import AdminClient, RemoteError
 from sagaway.engine.worker import load_app, serve
@@ -127,6 +127,13 @@ def _root(
     """Durable sagas for Python microservices."""
 
 
+class DemoStyle(enum.StrEnum):
+    """How the e-commerce example's services cooperate."""
+
+    orchestration = "orchestration"
+    choreography = "choreography"
+
+
 class Example(enum.StrEnum):
     """The example systems ``sagaway demo`` can run (examples/ of a checkout)."""
 
@@ -158,6 +165,23 @@ def demo(
         str, typer.Option("--amqp", envvar="SAGAWAY_AMQP_URL", show_envvar=True, metavar="URL",
                           help="With the bank example: the RabbitMQ to use.")
     ] = "amqp://guest:guest@127.0.0.1:5672/",
+    style: Annotated[
+        DemoStyle,
+        typer.Option("--style", case_sensitive=False,
+                     help="With the ecommerce example: an orchestrator calling the services "
+                          "over HTTP, or services reacting to each other's events over "
+                          "--transport."),
+    ] = DemoStyle.orchestration,
+    transport: Annotated[
+        str, typer.Option("--transport", envvar="SAGAWAY_TRANSPORT", show_envvar=True,
+                          metavar="URL",
+                          help="With --style choreography: the broker (amqp://… or nats://…).")
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="With --style choreography: where the "
+                                  "services' databases and the saga log go (default: a new "
+                                  "temporary directory).")
+    ] = None,
     crash_at: Annotated[
         DemoStep | None,
         typer.Option("--crash-at", help="SIGKILL this process while this step is in flight; "
@@ -175,6 +199,17 @@ def demo(
 
     sagaway demo ecommerce|travel|bank [--fail-at STEP] [--sagas N] runs an example system instead: its services as real processes on free 127.0.0.1 ports, N sagas, then the outcome and the invariant check.
     """  # noqa: E501 - one line, so the help text wraps to the terminal
+    if style is DemoStyle.choreography:
+        if example is not Example.ecommerce:
+            raise typer.BadParameter("the choreography variant exists for the ecommerce "
+                                     "example: sagaway demo ecommerce --style choreography",
+                                     param_hint="--style")
+        if fail_at is not None or crash_at is not None or resume is not None:
+            raise typer.BadParameter("the choreographed demo plans its own failures (every "
+                                     "few orders fail at payment or shipping); it takes "
+                                     "--sagas, --transport, --workdir", param_hint="--style")
+        run_choreography_demo(transport=transport, count=sagas, workdir=workdir)
+        return
     if example is not None:
         _run_example(example.value, fail_at=fail_at, sagas=sagas, amqp=amqp,
                      quick=(crash_at, resume))
@@ -345,8 +380,6 @@ def migrate(store: Store = DEFAULT_STORE) -> None:
 
 
 app.add_typer(choreography_app, name="choreography")
-# A stopgap until ``sagaway demo ecommerce --style choreography`` exists (branch http).
-app.command("demo-choreography")(demo_choreography)
 Keys = Annotated[
     str | None,
     typer.Option("--keys", envvar="SAGAWAY_KEYS", show_envvar=True, metavar="KID:B64,…",

@@ -3,7 +3,8 @@
 ``draw`` imports a :class:`~sagaway.choreography.Choreography` (``module:attr``, or
 ``module:factory()``), which validates it, and prints it as Mermaid (or plain text).
 ``track`` runs a :class:`~sagaway.choreography.Tracker` for one or more flows.
-``demo-choreography`` runs the choreographed e-commerce example
+``run_choreography_demo`` (``sagaway demo ecommerce --style choreography``) runs the
+choreographed e-commerce example
 (``examples/ecommerce/choreography``), so it needs a source checkout: the example is not part
 of the installed package.
 """
@@ -24,7 +25,7 @@ from rich.console import Console
 from sagaway.choreography import Choreography, Tracker
 from sagaway.errors import DefinitionError, SagawayError
 
-__all__ = ["choreography_app", "demo_choreography", "load_flow"]
+__all__ = ["choreography_app", "load_flow", "run_choreography_demo"]
 
 choreography_app = typer.Typer(
     help="Choreographed sagas: draw a flow, run a tracker.", no_args_is_help=True,
@@ -125,21 +126,9 @@ def track(
         raise typer.Exit(1) from None
 
 
-def demo_choreography(
-    transport: Annotated[str, typer.Option(
-        "--transport", envvar="SAGAWAY_TRANSPORT", show_envvar=True,
-        help="The broker: amqp://guest:guest@127.0.0.1:5672/ or nats://127.0.0.1:4222.")]
-    = "amqp://guest:guest@127.0.0.1:5672/",
-    count: Annotated[int, typer.Option("-n", "--count", min=1, max=100_000,
-                                       help="How many orders to place.")] = 50,
-    workdir: Annotated[Path | None, typer.Option(
-        "--workdir", help="Where the services' databases and the saga log go "
-                          "(default: a new temporary directory).")] = None,
-) -> None:
-    """Run the e-commerce order saga choreographed: services as processes, N sagas.
-
-    Needs a sagaway source checkout (run it from the repository root).
-    """
+def run_choreography_demo(*, transport: str, count: int, workdir: Path | None) -> None:
+    """``sagaway demo ecommerce --style choreography``: the e-commerce order saga
+    choreographed, its services as processes, ``count`` sagas. Needs a source checkout."""
     try:
         demo = importlib.import_module("examples.ecommerce.choreography.demo")
     except ModuleNotFoundError:
