@@ -79,3 +79,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("sagaway celery figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _close_task_inboxes() -> Iterator[None]:
+    """Tasks run in-process here open PostgreSQL inboxes (a pool on a loop thread): close
+    them after each test, as a worker process does on shutdown."""
+    yield
+    from sagaway.integrations.celery import close_inboxes
+
+    close_inboxes()

@@ -359,3 +359,20 @@ async def test_transport_routes_tasks_and_refuses_undeclared_queues(amqp_url: st
             received = await got.get()
     assert received.id == plain.id and received.payload == {"id": 1}
     assert transport.published_tasks == 0
+
+
+
+def test_close_inboxes_closes_the_pool_and_stops_its_thread(postgres_url: str) -> None:
+    import threading
+
+    from sagaway.integrations.celery import _open_inbox, _PostgresInbox, close_inboxes
+
+    inbox = _open_inbox(postgres_url)
+    assert isinstance(inbox, _PostgresInbox)
+    inbox.transaction()  # the first task opens the pool on its own loop thread
+    db = inbox.db
+    threads = [t for t in threading.enumerate() if t.name == "sagaway-celery-inbox"]
+    assert threads and db is not None
+    close_inboxes()
+    assert not any(t.is_alive() for t in threads)
+    assert inbox.db is None and db._pool is None  # the pool was closed, not dropped

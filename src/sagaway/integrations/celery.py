@@ -103,6 +103,7 @@ from sagaway.messaging.base import Handler, Subscription, check_destination, red
 
 try:
     import celery
+    from celery import signals as celery_signals
     from celery.exceptions import SoftTimeLimitExceeded, TaskPredicate, TimeLimitExceeded
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -119,6 +120,7 @@ __all__ = [
     "TaskContext",
     "celery_step",
     "celery_task_message",
+    "close_inboxes",
     "saga_chain",
     "saga_context",
     "saga_task",
@@ -767,6 +769,21 @@ def _scheme(url: str) -> str:
     return url.split(":", 1)[0].lower() if ":" in url else ""
 
 
+_open_postgres_inboxes: set[_PostgresInbox] = set()
+
+
+def close_inboxes() -> None:
+    """Close every PostgreSQL inbox this process opened for its tasks (their connection
+    pools and loop threads). Connected to Celery's ``worker_process_shutdown``; call it
+    yourself where tasks ran outside a worker (tests)."""
+    for inbox in list(_open_postgres_inboxes):
+        inbox.close()
+
+
+celery_signals.worker_process_shutdown.connect(
+    lambda **_: close_inboxes(), weak=False, dispatch_uid="sagaway.close_inboxes")
+
+
 def _open_inbox(url: str) -> _Inbox | _PostgresInbox:
     scheme = _scheme(url)
     if scheme == "sqlite":
@@ -848,6 +865,7 @@ class _PostgresInbox:
         self._factory = PostgresDatabase
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self.db: Any = None
         self._since_purge = 0
 
@@ -862,12 +880,29 @@ class _PostgresInbox:
         # A fresh loop and pool in every process: a forked child must not share its
         # parent's connections.
         loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, name="sagaway-celery-inbox",
-                         daemon=True).start()
-        self._loop, self._pid = loop, os.getpid()
+        thread = threading.Thread(target=loop.run_forever, name="sagaway-celery-inbox",
+                                  daemon=True)
+        thread.start()
+        self._loop, self._pid, self._thread = loop, os.getpid(), thread
         db = self._factory(self.url, min_size=1, max_size=2)
         asyncio.run_coroutine_threadsafe(db.open(), loop).result(60)
         self.db = db
+        _open_postgres_inboxes.add(self)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the pool and stop the loop's thread (a later task opens them again)."""
+        _open_postgres_inboxes.discard(self)
+        loop, db, thread = self._loop, self.db, self._thread
+        self._loop, self.db, self._pid = None, None, None
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        if db is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(db.aclose(), loop).result(timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
+            loop.close()
 
     def transaction(self) -> Any:
         """The participant database's transaction scope (an async context manager)."""
