@@ -105,6 +105,13 @@ def test_saga_chain_follows_chain_semantics() -> None:
     assert refund["args"] == ["p", {"r": 1}]
     immutable = saga_chain((reserve.si(5), release.s()), name="imm")
     assert payload(immutable["reserve"].action, data, {})["args"] == [5]
+    # An immutable compensation is called as Celery would: with its own arguments only.
+    undo_si = saga_chain((reserve.s(), release.si(7, order="x")), name="undo_si")
+    undo = payload(undo_si["reserve"].compensation_fn, data, {"reserve": {"r": 1}})
+    assert (undo["args"], undo["kwargs"]) == ([7], {"order": "x"})
+    step_si = celery_step(Saga("t"), "reserve", task="shop.reserve",
+                          compensation=release.si(8))
+    assert payload(step_si.compensation_fn, {"id": 1}, {"reserve": 2})["args"] == [8]
     # An input a chain cannot be called with fails the step; it never breaks a commit.
     unbuildable = payload(chain["reserve"].action, ["not", "a", "chain", "input"], {})
     assert "could not be built" in unbuildable["error"]

@@ -191,12 +191,14 @@ def _declare(saga: Saga, name: str, action_ref: _TaskRef, comp_ref: _TaskRef | N
         ref = comp_ref
 
         def compensation_payload(data: Any, results: Mapping[str, Any]) -> dict[str, Any]:
+            if ref.immutable:
+                # .si(): like Celery, call it with its own arguments and nothing else.
+                return _call_payload(ref, list(ref.args), dict(ref.kwargs), options)
             try:
                 positional, named = action_call(data, results)
             except Exception as exc:
                 return _unbuildable(name, exc)
-            extra_args = list(ref.args) if not ref.immutable else []
-            return _call_payload(ref, [results.get(name), *positional, *extra_args],
+            return _call_payload(ref, [results.get(name), *positional, *ref.args],
                                  {**named, **ref.kwargs}, options)
 
         step.compensation(retry=compensation_retry, timeout=timeout)(
