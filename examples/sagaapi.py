@@ -15,12 +15,15 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from pydantic import BaseModel
 
 from sagaway import IdempotencyConflict, Orchestrator, RunNotFound, SagaRun
+from sagaway.admin import Masker
 
 __all__ = ["create_saga_api", "describe"]
 
 
 def describe(run: SagaRun) -> dict[str, Any]:
-    """A run as the API shows it."""
+    """A run as the API shows it: the saga's sensitive fields (a card) masked as ``***``,
+    as the admin API masks them."""
+    run = Masker().run(run)
     return {
         "id": run.id,
         "saga": run.saga,

@@ -18,7 +18,10 @@ from examples.ecommerce.inventory import DEFAULT_STOCK
 from examples.ecommerce.payment import DEFAULT_BALANCES
 from examples.launch import SagaFront, Service, start_all, stop_all
 
-__all__ = ["FAILING_ORDERS", "EcommerceSystem", "Invariants"]
+__all__ = ["FAILING_ORDERS", "TEST_CARD", "EcommerceSystem", "Invariants"]
+
+TEST_CARD = {"number": "4242424242424242", "cvc": "123"}
+"""The card a generated order pays with (a well-known test number; its Luhn digit holds)."""
 
 FAILING_ORDERS: dict[str, dict[str, Any]] = {
     "reserve_inventory": {"qty": 1_000_000},  # more than is in stock
@@ -118,6 +121,7 @@ class EcommerceSystem:
             "qty": 1,
             "amount": 1999,
             "address": "1 Main St, Springfield",
+            "card": dict(TEST_CARD),
         }
         if fail_at is not None:
             body.update(FAILING_ORDERS[fail_at])

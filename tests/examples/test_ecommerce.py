@@ -72,6 +72,7 @@ def placed(shop: EcommerceSystem) -> dict[str, dict[str, Any]]:
         "charge_payment": shop.place(shop.order(fail_at="charge_payment")),
         "arrange_shipping": shop.place(shop.order(fail_at="arrange_shipping", qty=3)),
         "unknown-item": shop.place(shop.order(sku="UNICORN")),
+        "bad-card": shop.place(shop.order(card={"number": "4242424242424241", "cvc": "123"})),
     }
     finished = shop.wait(ids.values(), timeout=60)
     return {name: finished[i] for name, i in ids.items()}
@@ -93,6 +94,7 @@ def test_an_order_that_succeeds_completes_every_step(placed: dict[str, dict[str,
         "payment_id": placed["ok-2"]["id"],
         "customer": "bob",
         "amount": 4500,
+        "card_last4": "4242",
     }
 
 
@@ -107,6 +109,21 @@ def test_each_failure_point_undoes_what_went_before(placed: dict[str, dict[str, 
     assert broke["status"] == "COMPENSATED"
     assert "402" in broke["error"] and "insufficient funds" in broke["error"]
     assert step_statuses(broke) == {"reserve_inventory": "COMPENSATED", "charge_payment": "FAILED"}
+    # The service quotes the card in its refusal; the saga declares it sensitive.
+    assert "card *** declined: insufficient funds" in broke["error"]
+    assert "4242424242424242" not in broke["error"]
+    assert broke["input"]["card"] == {"number": "***", "cvc": "***"}
+
+    bad_card = placed["bad-card"]  # a mistyped digit: the Luhn check fails
+    assert bad_card["status"] == "COMPENSATED"
+    assert (
+        "402" in bad_card["error"]
+        and "card *** declined: not a valid card number" in (bad_card["error"])
+    )
+    assert step_statuses(bad_card) == {
+        "reserve_inventory": "COMPENSATED",
+        "charge_payment": "FAILED",
+    }
 
     atlantis = placed["arrange_shipping"]
     assert atlantis["status"] == "COMPENSATED"
@@ -126,7 +143,7 @@ def test_no_stock_or_money_is_created_or_lost(
     orders = {o["id"]: o for o in placed.values()}
     report = shop.check(orders)
     assert report.problems == []
-    assert len(report.completed) == 2 and len(report.compensated) == 4
+    assert len(report.completed) == 2 and len(report.compensated) == 5
     check_databases(shop, orders)
     # Each step's key was recorded with the business change in the service's database.
     keys = {
@@ -152,6 +169,8 @@ def test_the_order_service_api(shop: EcommerceSystem) -> None:
     assert missing.status_code == 404
     bad = shop.client.post(shop.orders.url + "/orders", json={"qty": 0})
     assert bad.status_code == 422
+    no_card = shop.client.post(shop.orders.url + "/orders", json={"customer": "alice"})
+    assert no_card.status_code == 422 and "card" in no_card.text
     counts = shop.client.get(shop.orders.url + "/orders").json()
     assert counts["COMPLETED"] >= 1 and set(counts) >= {"RUNNING", "COMPENSATED", "FAILED"}
 
