@@ -9,6 +9,12 @@ Leases: every run a worker drives is leased to it in the store. One background t
 all of this worker's leases in one statement; another polls for runs that are unowned or
 whose lease expired (a worker died) and adopts them. A run started here is adopted at once,
 with no polling on the hot path.
+
+The Orchestrator is split by concern: this module holds its public API, its lifecycle and
+the loop that drives a run; ``recovery`` (a base class) claims and adopts runs and renews
+leases; ``invocation`` (the StepInvoker it owns) carries out local and HTTP attempts;
+``commands`` (CommandSteps) writes command steps' messages and decides when a run parks;
+``driver`` is the in-memory record of a run held here.
 """
 
 from __future__ import annotations
@@ -16,43 +22,34 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import contextvars
 import dataclasses
-import functools
-import inspect
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagaway.definition.http import HttpCall
-from sagaway.definition.saga import Command as CommandSpec
-from sagaway.definition.saga import Saga, StepContext, idempotency_key
+from sagaway.definition.saga import Saga
 from sagaway.engine.clock import Clock, SystemClock
+from sagaway.engine.commands import CommandSteps, is_remote
 from sagaway.engine.committer import GroupCommitter
 from sagaway.engine.decider import OPERATOR_ALLOWED, decide
-from sagaway.engine.listener import Invocation, Listener, RunContext, Transition, current_run
+from sagaway.engine.driver import Driver, run_secrets
+from sagaway.engine.invocation import NonRetryableError, StepInvoker
+from sagaway.engine.listener import Listener, RunContext, Transition, current_run
 from sagaway.engine.payload import DEFAULT_MAX_PAYLOAD_BYTES, encode, fingerprint
-from sagaway.engine.relay import OutboxRelay, command_message, domain_event, parse_reply
+from sagaway.engine.recovery import Recovery
+from sagaway.engine.relay import OutboxRelay, domain_event
 from sagaway.engine.state import (
     ActionFailed,
-    ActionSucceeded,
     Command,
     CompensationFailed,
-    CompensationSucceeded,
     Event,
-    InvokeAction,
-    InvokeCompensation,
-    Operator,
-    Recover,
     RunState,
     Start,
-    StepStatus,
     TimerFired,
 )
 from sagaway.errors import (
@@ -65,20 +62,16 @@ from sagaway.errors import (
     PayloadTooLarge,
     RateLimited,
     RunNotFound,
-    SagawayError,
     StoreError,
-    TransportError,
     UnknownSaga,
     WaitTimeout,
 )
-from sagaway.invokers import InvocationFailed
-from sagaway.messaging.base import Delivery, Subscription, Transport
+from sagaway.messaging.base import Subscription, Transport
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaRun, SagaStatus
 from sagaway.store import open_store
-from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
+from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
 
 if TYPE_CHECKING:
-    from sagaway.invokers.http import HttpInvoker
     from sagaway.protection.codec import PayloadCodec
     from sagaway.protection.signing import EnvelopeSigner
 
@@ -88,10 +81,6 @@ DEFAULT_MAX_STEPS = 100
 """The most steps a registered definition may have unless ``max_steps`` says otherwise."""
 
 log = logging.getLogger("sagaway.engine")
-
-
-class NonRetryableError(Exception):
-    """Raise from a step to fail it at once, without further attempts (a business "no")."""
 
 
 def new_run_id() -> str:
@@ -105,43 +94,6 @@ def new_run_id() -> str:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-@dataclass(eq=False)
-class _Driver:
-    """A run held by this worker: its state in memory and the task that drives it."""
-
-    run_id: str
-    saga: Saga
-    state: RunState
-    row_version: int
-    input: Any
-    idempotency_key: str | None
-    created_at: float
-    updated_at: float
-    history: builtins.list[HistoryEntry] | None
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    timer: asyncio.Task[None] | None = None
-    timer_at: float | None = None
-    invocations: set[asyncio.Task[None]] = field(default_factory=set)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    committed: bool = False
-    """Its first write (creation or claim) is durable: the lease is really ours."""
-    claim_seq: int = 0
-    """When it became ours, on this worker's claim counter (see _renew_loop)."""
-    transitions: int = 0
-    releasing: bool = False
-    """Its final transition, which also drops the lease, is being committed."""
-    clear_request: bool = False
-    """It was claimed to carry out an operator request; the next write clears it."""
-    secrets: frozenset[str] | None = None
-    """The values of its sensitive fields (see Saga(sensitive=…)), once computed."""
 
 
 class RunHandle:
@@ -171,7 +123,7 @@ class RunHandle:
         return await self._orch.get(self.id)
 
 
-class Orchestrator:
+class Orchestrator(Recovery):
     """Runs sagas durably against a store.
 
     Use as ``async with Orchestrator("sqlite:///sagas.db", sagas=[order]) as orch:``.
@@ -301,8 +253,6 @@ class Orchestrator:
         self._relay: OutboxRelay | None = None
         self._replies: Subscription | None = None
         self.services = dict(services or {})
-        self._http_connections = http_connections
-        self._http: HttpInvoker | None = None
         if worker and transport is None:
             remote = [f"{s.name}.{st.name}" for s in self.sagas for st in s.steps
                       if st.remote or st.remote_compensation]
@@ -312,9 +262,14 @@ class Orchestrator:
                     f"{', '.join(remote)} send messages: pass transport=… (amqp://, "
                     f"nats://, redis:// or memory://) to the Orchestrator"
                 )
-        self._max_threads = max_threads
-        self._threads: ThreadPoolExecutor | None = None
-        self._drivers: dict[str, _Driver] = {}
+        self._invoker = StepInvoker(
+            clock=self.clock, listeners=self.listeners, max_payload_bytes=max_payload_bytes,
+            rejections=self.rejections, max_threads=max_threads,
+            http_connections=http_connections,
+        )
+        self._commands = CommandSteps(transport=transport, reply_to=reply_to,
+                                      headers_for=self._invoker.headers_for)
+        self._drivers: dict[str, Driver] = {}
         self._committer: GroupCommitter | None = None
         self._background: list[asyncio.Task[None]] = []
         self._poll_now = asyncio.Event()
@@ -344,7 +299,7 @@ class Orchestrator:
             )
         # (register also runs inside __init__, before _open exists; open() checks those.)
         if getattr(self, "_open", False) and self.worker:
-            self._open_http([saga])
+            self._invoker.open_http([saga], self.services)
         self._definitions[key] = saga
         latest = self._latest.get(saga.name)
         if latest is None or saga.version > latest.version:
@@ -381,9 +336,9 @@ class Orchestrator:
         if self._open:
             return
         if self.worker:
-            self._open_http(self.sagas)
+            self._invoker.open_http(self.sagas, self.services)
         await self.store.open()
-        self._threads = ThreadPoolExecutor(self._max_threads, thread_name_prefix="sagaway-step")
+        self._invoker.open()
         self._committer = GroupCommitter(
             self.store, owner=self.worker_id, lease_seconds=self.lease_seconds,
             lanes=self.store.commit_lanes,
@@ -444,27 +399,15 @@ class Orchestrator:
         if self.transport is not None and self.worker:
             with contextlib.suppress(Exception):
                 await self.transport.aclose()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)
-            self._threads = None
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        self._invoker.close_threads()
+        await self._invoker.aclose_http()
         await self.store.aclose()
 
-    def _open_http(self, sagas: Iterable[Saga]) -> None:
-        """Resolve the base URLs HTTP steps need (DefinitionError if one is missing) and
-        open the HTTP invoker (its connection pools) on first need."""
-        if not any(s.http or isinstance(s.compensation_fn, HttpCall)
-                   for saga in sagas for s in saga.steps):
-            return
-        from sagaway.invokers.http import HttpInvoker, resolve_services
-
-        services = resolve_services(sagas, self.services)
-        if self._http is None:
-            self._http = HttpInvoker(services, max_connections=self._http_connections)
-        else:
-            self._http.add_services(services)
+    @property
+    def _threads(self) -> ThreadPoolExecutor | None:
+        """The step invoker's thread pool (None unless open); tests that simulate a crash
+        shut it down by hand."""
+        return self._invoker.threads
 
     def _require_open(self) -> GroupCommitter:
         if not self._open or self._committer is None:
@@ -509,7 +452,7 @@ class Orchestrator:
         if not self.worker:
             return await self._submit(committer, definition, run_id, now, plain, text, key)
         decision = decide(definition, run_id, RunState(), Start(now))
-        park = self._parks(definition, decision.state, decision.commands, busy=False)
+        park = self._commands.parks(definition, decision.state, decision.commands, busy=False)
         new = NewRun(
             id=run_id,
             saga=definition.name,
@@ -523,13 +466,13 @@ class Orchestrator:
             now=now,
             history=decision.history,
             leased=not park,
-            outbox=self._outbox_for(run_id, definition, plain, decision.commands,
-                                    decision.state.results),
+            outbox=self._commands.outbox_for(run_id, definition, plain, decision.commands,
+                                             decision.state.results),
         )
         # Registered before the write, so a lease renewal racing the creation never takes
         # this run for an orphan.
-        driver = _Driver(run_id, definition, decision.state, 1, plain, key, now, now,
-                         list(decision.history))
+        driver = Driver(run_id, definition, decision.state, 1, plain, key, now, now,
+                        list(decision.history))
         self._drivers[run_id] = driver
         try:
             created = await committer.create(new)
@@ -812,7 +755,7 @@ class Orchestrator:
             request=record.request,
         )
 
-    def _snapshot_from_driver(self, d: _Driver) -> SagaRun:
+    def _snapshot_from_driver(self, d: Driver) -> SagaRun:
         return SagaRun(
             id=d.run_id,
             saga=d.saga.name,
@@ -831,13 +774,13 @@ class Orchestrator:
 
     # -- driving a run ----------------------------------------------------------------------
 
-    async def _drive(self, d: _Driver, commands: builtins.list[Any],
+    async def _drive(self, d: Driver, commands: builtins.list[Any],
                      first: Event | None = None) -> None:
         # Log records and spans of this task (and of the invocations it starts) name the run.
-        current_run.set(RunContext(d.run_id, d.saga.name, secrets=self._secrets(d)))
+        current_run.set(RunContext(d.run_id, d.saga.name, secrets=run_secrets(d)))
         try:
             while True:
-                local = [c for c in commands if not self._remote(d.saga, c)]
+                local = [c for c in commands if not is_remote(d.saga, c)]
                 if first is not None:
                     event, first = first, None
                 elif (len(local) == 1 and not d.invocations and d.events.empty()
@@ -845,7 +788,7 @@ class Orchestrator:
                     # The common sequential case: nothing else can happen to this run until
                     # the one invocation returns, so run it here rather than as a task.
                     self._cancel_timer(d)
-                    event = await self._invoke(d, local[0])
+                    event = await self._invoker.invoke(d, local[0])
                 else:
                     self._execute(d, local)
                     if d.state.status.finished:
@@ -856,7 +799,8 @@ class Orchestrator:
                 decision = decide(d.saga, d.run_id, d.state, event)
                 commands = decision.commands
                 if decision.history:
-                    park = self._parks(d.saga, decision.state, commands, busy=bool(d.invocations))
+                    park = self._commands.parks(d.saga, decision.state, commands,
+                                                busy=bool(d.invocations))
                     await self._commit(d, decision.state, decision.history, commands, park=park)
                     if park:
                         self._park(d)
@@ -888,7 +832,7 @@ class Orchestrator:
                 del self._drivers[d.run_id]
             d.done.set()
 
-    async def _commit(self, d: _Driver, state: RunState,
+    async def _commit(self, d: Driver, state: RunState,
                       history: builtins.list[HistoryEntry],
                       commands: Iterable[Command] = (), *, park: bool = False) -> None:
         committer = self._require_open()
@@ -896,7 +840,7 @@ class Orchestrator:
         # The write that finishes (or parks) the run drops its lease too: a renewal answered
         # while it is in flight must not take the run for lost.
         d.releasing = state.status.finished or park
-        outbox = self._outbox_for(d.run_id, d.saga, d.input, commands, state.results)
+        outbox = self._commands.outbox_for(d.run_id, d.saga, d.input, commands, state.results)
         event_type = d.saga.events.get(state.status.value)
         if event_type and d.saga.events_destination and not d.state.status.finished:
             outbox.append(domain_event(
@@ -934,25 +878,16 @@ class Orchestrator:
         d.transitions += 1
         self._notify(d, history)
 
-    @staticmethod
-    def _secrets(d: _Driver) -> frozenset[str]:
-        redactor = d.saga.redactor
-        if not redactor:
-            return frozenset()
-        if d.secrets is None or redactor.covers_results:
-            d.secrets = redactor.secrets(d.input, d.state.results)
-        return d.secrets
-
-    def _scrub(self, d: _Driver, event: Event) -> Event:
+    def _scrub(self, d: Driver, event: Event) -> Event:
         """Cut the run's sensitive values out of an error (an exception may repeat them)
         before it reaches the history, the listeners and the operators' views."""
         if isinstance(event, ActionFailed | CompensationFailed):
-            clean = d.saga.redactor.text(event.error, self._secrets(d))
+            clean = d.saga.redactor.text(event.error, run_secrets(d))
             if clean != event.error:
                 return dataclasses.replace(event, error=clean)
         return event
 
-    def _notify(self, d: _Driver, history: builtins.list[HistoryEntry]) -> None:
+    def _notify(self, d: Driver, history: builtins.list[HistoryEntry]) -> None:
         if not self.listeners:
             return
         transition = Transition(d.run_id, d.saga.name, d.saga.version, d.state.status,
@@ -964,65 +899,9 @@ class Orchestrator:
                 log.exception("listener %r failed on run %s", listener, d.run_id,
                               extra={"run_id": d.run_id, "saga": d.saga.name})
 
-    # -- command steps ----------------------------------------------------------------------
+    # -- parking, invocations in flight, timers ---------------------------------------------
 
-    @staticmethod
-    def _remote(saga: Saga, cmd: Command) -> bool:
-        step = saga[cmd.step]
-        return step.remote if isinstance(cmd, InvokeAction) else step.remote_compensation
-
-    def _outbox_for(self, run_id: str, saga: Saga, data: Any, commands: Iterable[Command],
-                    results: Mapping[str, Any]) -> builtins.list[OutboxMessage]:
-        """The command messages a transition emits (written in its own transaction)."""
-        out = []
-        for cmd in commands:
-            if not self._remote(saga, cmd):
-                continue
-            step = saga[cmd.step]
-            compensating = isinstance(cmd, InvokeCompensation)
-            target = step.compensation_fn if compensating else step.action
-            assert isinstance(target, CommandSpec)
-            headers = self._headers_for(Invocation(run_id, saga.name, step.name, cmd.attempt,
-                                                   compensating, "command"))
-            out.append(command_message(
-                run_id=run_id, step=step.name, attempt=cmd.attempt,
-                key=idempotency_key(run_id, step.name, compensation=compensating),
-                service=target.service, command=target.name,
-                payload=data if target.payload is None else target.payload(data, results),
-                reply_to=self.reply_to, headers=headers,
-            ))
-        return out
-
-    def _headers_for(self, invocation: Invocation) -> dict[str, str]:
-        """The headers listeners want this attempt to carry (trace context, mostly)."""
-        headers: dict[str, str] = {}
-        for listener in self.listeners:
-            try:
-                extra: Mapping[str, str] | None = listener.on_invoke(invocation)
-            except Exception:
-                log.exception("listener %r failed on invoke of %s/%s", listener,
-                              invocation.run_id, invocation.step,
-                              extra={"run_id": invocation.run_id, "saga": invocation.saga,
-                                     "step": invocation.step, "attempt": invocation.attempt})
-                continue
-            if extra:
-                headers.update(extra)
-        return headers
-
-    def _parks(self, saga: Saga, state: RunState, commands: Iterable[Command], *,
-               busy: bool) -> bool:
-        """Only replies (or timers) can move the run on: release it instead of holding it."""
-        if state.status.finished or busy or self.transport is None:
-            return False
-        if any(not self._remote(saga, c) for c in commands):
-            return False
-        return any(
-            (s.status is StepStatus.RUNNING and saga[name].remote)
-            or (s.status is StepStatus.COMPENSATING and saga[name].remote_compensation)
-            for name, s in state.steps.items()
-        )
-
-    def _park(self, d: _Driver) -> None:
+    def _park(self, d: Driver) -> None:
         # No task waits for the reply: the run sits in the store, leased to nobody, until the
         # reply claims it (claim_run) or its deadline makes it due (claim_due).
         self._cancel_timer(d)
@@ -1030,67 +909,17 @@ class Orchestrator:
             del self._drivers[d.run_id]
         d.done.set()
 
-    async def _on_reply(self, delivery: Delivery) -> None:
-        """A participant answered: wake the run with the answer as its next event."""
-        envelope = delivery.envelope
-        if self._sealer is not None:
-            # A reply sealed by a participant with the same keys (a plaintext one passes).
-            envelope = dataclasses.replace(
-                envelope, payload=self._sealer.open_payload(envelope.id, envelope.payload))
-        reply = parse_reply(envelope)
-        event = reply.event(self.clock.now())
-        # The run may be held for a moment (it is parking, or a worker drives a sibling
-        # step): keep the reply and try again until a lease could have run out, rather than
-        # handing it back and burning its deliveries.
-        deadline = time.monotonic() + self.lease_seconds + self.poll_interval
-        pause = 0.02
-        while True:
-            d = self._drivers.get(reply.run_id)
-            if d is not None and not d.releasing and not d.done.is_set():
-                d.events.put_nowait(event)
-                return
-            record = await self.store.claim_run(reply.run_id, owner=self.worker_id,
-                                                lease_seconds=self.lease_seconds)
-            if record is not None:
-                break
-            existing = await self.store.get_run(reply.run_id, history=False)
-            if existing is None or existing.status.finished:
-                log.info("reply for %s step %s: the run is %s; nothing to wake", reply.run_id,
-                         reply.step, existing.status.value if existing else "unknown")
-                return
-            if time.monotonic() > deadline:
-                raise TransportError(f"run {reply.run_id} is held by {existing.owner}; "
-                                     f"redeliver")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
-        if (record.saga, record.version) not in self._definitions:
-            await self.store.release_leases(owner=self.worker_id, run_ids=[record.id])
-            raise UnknownSaga(f"a reply for run {record.id} of {record.saga} v{record.version}, "
-                              f"which this worker does not register")
-        self._adopt(record, first=event)
-
-    def _execute(self, d: _Driver, commands: builtins.list[Any]) -> None:
+    def _execute(self, d: Driver, commands: builtins.list[Any]) -> None:
         for cmd in commands:
             task = asyncio.create_task(self._invoke_into_queue(d, cmd))
             d.invocations.add(task)
             task.add_done_callback(d.invocations.discard)
         self._arm_timer(d)
 
-    async def _invoke_into_queue(self, d: _Driver, cmd: Command) -> None:
-        d.events.put_nowait(await self._invoke(d, cmd))
+    async def _invoke_into_queue(self, d: Driver, cmd: Command) -> None:
+        d.events.put_nowait(await self._invoker.invoke(d, cmd))
 
-    async def _invoke(self, d: _Driver, cmd: Command) -> Event:
-        compensating = not isinstance(cmd, InvokeAction)
-        token = current_run.set(RunContext(d.run_id, d.saga.name, cmd.step, cmd.attempt,
-                                           compensating, self._secrets(d)))
-        try:
-            if isinstance(cmd, InvokeAction):
-                return await self._invoke_action(d, cmd)
-            return await self._invoke_compensation(d, cmd)
-        finally:
-            current_run.reset(token)
-
-    def _arm_timer(self, d: _Driver) -> None:
+    def _arm_timer(self, d: Driver) -> None:
         wake_at = d.state.wake_at
         if wake_at == d.timer_at and d.timer is not None and not d.timer.done():
             return
@@ -1107,295 +936,23 @@ class Orchestrator:
         d.timer = asyncio.create_task(fire())
 
     @staticmethod
-    def _cancel_timer(d: _Driver) -> None:
+    def _cancel_timer(d: Driver) -> None:
         if d.timer is not None:
             d.timer.cancel()
         d.timer = None
         d.timer_at = None
 
-    def _stop_driver(self, d: _Driver) -> None:
+    def _stop_driver(self, d: Driver) -> None:
         self._cancel_timer(d)
         for task in list(d.invocations):
             task.cancel()
         if d.task is not None and not d.task.done():
             d.task.cancel()
 
-    def _abandon(self, d: _Driver) -> None:
+    def _abandon(self, d: Driver) -> None:
         self._cancel_timer(d)
         for task in list(d.invocations):
             task.cancel()
         if self._drivers.get(d.run_id) is d:
             del self._drivers[d.run_id]
         d.done.set()
-
-    def _http_invoker(self) -> HttpInvoker:
-        if self._http is None:
-            raise OrchestratorClosed("the orchestrator is closed")
-        return self._http
-
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            return await fn(*args)
-        if self._threads is None:
-            raise OrchestratorClosed("the orchestrator is closed")
-        loop = asyncio.get_running_loop()
-        # In this task's context, so the step's logs and spans know their run.
-        call = functools.partial(contextvars.copy_context().run, fn, *args)
-        result = await loop.run_in_executor(self._threads, call)
-        if asyncio.iscoroutine(result):  # a plain def that returned a coroutine
-            return await result
-        return result
-
-    def _context(self, d: _Driver, step: str, attempt: int, *, compensating: bool,
-                 http: bool = False) -> StepContext:
-        headers = (self._headers_for(Invocation(d.run_id, d.saga.name, step, attempt,
-                                                compensating, "http" if http else "local"))
-                   if self.listeners else {})
-        return StepContext(
-            run_id=d.run_id,
-            saga=d.saga.name,
-            step=step,
-            attempt=attempt,
-            idempotency_key=idempotency_key(d.run_id, step, compensation=compensating),
-            results=d.state.results,
-            input=d.input,
-            compensating=compensating,
-            headers=headers,
-        )
-
-    async def _call_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any
-                           ) -> Any:
-        if timeout is None:
-            return await self._call(fn, *args)
-        async with asyncio.timeout(timeout):
-            return await self._call(fn, *args)
-
-    async def _invoke_action(self, d: _Driver, cmd: InvokeAction) -> Event:
-        step = d.saga[cmd.step]
-        action = step.action
-        ctx = self._context(d, step.name, cmd.attempt, compensating=False,
-                            http=isinstance(action, HttpCall))
-        event: Event
-        try:
-            if isinstance(action, HttpCall):
-                result = await self._http_invoker().act(action, ctx, d.input)
-            else:
-                result = await self._call_within(step.timeout, step.action, ctx, d.input)
-        except InvocationFailed as exc:
-            event = ActionFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
-                                 retryable=exc.retryable, maybe_applied=exc.maybe_applied,
-                                 retry_after=exc.retry_after)
-        except TimeoutError as exc:
-            # Our timeout, or the step's own (a client timeout): either way the effect may
-            # have happened.
-            what = f"timed out after {step.timeout}s" if step.timeout else _describe(exc)
-            event = ActionFailed(step.name, cmd.attempt, f"{what} (may have taken effect)",
-                                 self.clock.now(), retryable=True, maybe_applied=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            retryable = not (isinstance(exc, NonRetryableError | SagawayError)
-                             or step.retry.is_non_retryable(exc))
-            event = ActionFailed(step.name, cmd.attempt, _describe(exc), self.clock.now(),
-                                 retryable=retryable)
-        else:
-            try:
-                plain, _ = encode(result, what=f"the result of step {step.name!r}",
-                                  limit=self.max_payload_bytes)
-            except InvalidPayload as exc:
-                if isinstance(exc, PayloadTooLarge):
-                    self.rejections["payload_too_large"] += 1
-                # The action ran, so its effect may stand: fail it as possibly applied.
-                event = ActionFailed(step.name, cmd.attempt, str(exc), self.clock.now(),
-                                     retryable=False, maybe_applied=True)
-            else:
-                event = ActionSucceeded(step.name, cmd.attempt, plain, self.clock.now())
-        return event
-
-    async def _invoke_compensation(self, d: _Driver, cmd: InvokeCompensation) -> Event:
-        step = d.saga[cmd.step]
-        fn = step.compensation_fn
-        assert fn is not None
-        ctx = self._context(d, step.name, cmd.attempt, compensating=True,
-                            http=isinstance(fn, HttpCall))
-        state = d.state.steps.get(step.name)
-        # The action's result if an attempt succeeded; None if it timed out or was cut.
-        known = state is not None and state.succeeded
-        result = state.result if state is not None and known else None
-        event: Event
-        try:
-            if isinstance(fn, HttpCall):
-                await self._http_invoker().undo(fn, ctx, d.input, result, known=known,
-                                                action=step.action)
-            else:
-                await self._call_within(step.compensation_timeout, fn, ctx, d.input, result)
-        except InvocationFailed as exc:
-            event = CompensationFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
-                                       retryable=exc.retryable, retry_after=exc.retry_after)
-        except TimeoutError as exc:
-            what = (f"timed out after {step.compensation_timeout}s"
-                    if step.compensation_timeout else _describe(exc))
-            event = CompensationFailed(step.name, cmd.attempt, what, self.clock.now())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            retryable = not step.compensation_retry.is_non_retryable(exc)
-            event = CompensationFailed(step.name, cmd.attempt, _describe(exc),
-                                       self.clock.now(), retryable=retryable)
-        else:
-            event = CompensationSucceeded(step.name, cmd.attempt, self.clock.now())
-        return event
-
-    # -- recovery and leases ----------------------------------------------------------------
-
-    async def _poll_loop(self) -> None:
-        while True:
-            try:
-                await self._claim_due()
-            except StoreError as exc:
-                log.warning("recovery poll failed, retrying in %.1fs: %s",
-                            self.poll_interval, exc)
-            except Exception:
-                log.exception("recovery poll crashed; retrying")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-            # arrives as the event is set, and close() would then wait on this task forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_interval):
-                    await self._poll_now.wait()
-            self._poll_now.clear()
-
-    async def _claim_due(self) -> None:
-        capacity = self.max_runs - len(self._drivers)
-        if capacity <= 0 or not self._open:
-            return
-        records = await self.store.claim_due(
-            owner=self.worker_id,
-            lease_seconds=self.lease_seconds,
-            limit=min(capacity, 500),
-            definitions=list(self._definitions),
-        )
-        for record in records:
-            self._adopt(record)
-
-    def _adopt(self, record: RunRecord, first: Event | None = None) -> None:
-        old = self._drivers.get(record.id)
-        if old is not None:
-            # Our own lease expired (renewal stalled) and we claimed the run again: the old
-            # driver is fenced by the new row version, so replace it.
-            self._stop_driver(old)
-        saga = self._definitions[(record.saga, record.version)]
-        if record.payload_error is not None:
-            self._fail_unreadable(record)
-            return
-        d = _Driver(
-            run_id=record.id,
-            saga=saga,
-            state=RunState.from_json(record.state),
-            row_version=record.row_version,
-            input=record.input,
-            idempotency_key=record.idempotency_key,
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-            history=None,
-            committed=True,
-            claim_seq=self._claim_seq + 1,
-        )
-        self._claim_seq += 1
-        self._drivers[record.id] = d
-        if first is not None:
-            pass
-        elif record.request is not None:
-            req = record.request
-            log.info("run %s (%s v%s): carrying out operator %s's %r", record.id, record.saga,
-                     record.version, req.get("actor"), req.get("action"),
-                     extra={"run_id": record.id, "saga": record.saga})
-            d.clear_request = True
-            first = Operator(str(req.get("action")), str(req.get("reason", "")),
-                             str(req.get("actor", "operator")), self.clock.now())
-        else:
-            log.info("run %s (%s v%s): resuming from %s", record.id, record.saga,
-                     record.version, record.status.value,
-                     extra={"run_id": record.id, "saga": record.saga})
-            first = Recover(self.clock.now())
-        d.task = asyncio.create_task(self._drive(d, [], first),
-                                     name=f"sagaway-run-{record.id}")
-
-    def _fail_unreadable(self, record: RunRecord) -> None:
-        """The run's payloads cannot be decrypted here (a key that is not configured): end
-        it FAILED with the reason, its sealed data untouched, so an operator can restore the
-        key and then compensate or resolve it. Other runs are not affected."""
-        error = (f"cannot read this run's data: {record.payload_error}; configure the key, "
-                 f"then compensate or resolve the run")
-        log.error("run %s (%s v%s): %s", record.id, record.saga, record.version, error)
-        now = self.clock.now()
-        state = dict(record.state)
-        state["status"] = SagaStatus.FAILED.value
-        state["error"] = error
-        history: builtins.list[HistoryEntry] = []
-        # As an operator's takeover would: attempts in flight were cut (possibly applied),
-        # timers are off; `compensate` or `retry` later reopens the run from here.
-        steps = {name: dict(step) for name, step in state.get("steps", {}).items()}
-        for name, step in steps.items():
-            if step.get("status") == StepStatus.RUNNING.value:
-                history.append(HistoryEntry(now, "step.interrupted", name,
-                                            step.get("attempts")))
-                step.update(status=StepStatus.FAILED.value, maybe_applied=True,
-                            error="interrupted: the run's data could not be read")
-            elif step.get("status") == StepStatus.WAITING.value:
-                step["status"] = StepStatus.FAILED.value
-            elif step.get("status") == StepStatus.COMPENSATING.value:
-                step["status"] = StepStatus.COMPENSATION_WAITING.value
-            step.pop("wake_at", None)
-        state["steps"] = steps
-        history.append(HistoryEntry(now, "run.finished",
-                                    data={"status": SagaStatus.FAILED.value, "error": error,
-                                          "cause": "payload_unreadable"}))
-        update = RunUpdate(
-            run_id=record.id, expected_version=record.row_version, status=SagaStatus.FAILED,
-            state=state, error=error, wake_at=None, now=now, history=history,
-            release=True, clear_request=record.request is not None,
-        )
-
-        async def write() -> None:
-            try:
-                ok = await self._require_open().update(update)
-            except (StoreError, OrchestratorClosed) as exc:
-                log.warning("run %s: could not record its failure (%s); releasing it",
-                            record.id, exc)
-                ok = False
-            if not ok:
-                with contextlib.suppress(Exception):
-                    await self.store.release_leases(owner=self.worker_id,
-                                                    run_ids=[record.id])
-
-        task = asyncio.create_task(write(), name=f"sagaway-fail-{record.id}")
-        self._background_writes.add(task)
-        task.add_done_callback(self._background_writes.discard)
-
-    async def _renew_loop(self) -> None:
-        interval = self.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
-            seq = self._claim_seq
-            try:
-                held = await self.store.renew_leases(owner=self.worker_id,
-                                                     lease_seconds=self.lease_seconds)
-            except StoreError as exc:
-                log.warning("lease renewal failed: %s", exc)
-                continue
-            # Drivers whose lease is gone: another worker has the run. Only runs that were
-            # ours before the renewal was sent count; later claims are not in its answer.
-            lost = [d for rid, d in self._drivers.items()
-                    if rid not in held and d.committed and d.claim_seq <= seq
-                    and not d.done.is_set() and not d.state.status.finished
-                    and not d.releasing]
-            for d in lost:
-                log.warning("run %s: lease lost; stopping", d.run_id)
-                self._stop_driver(d)
-                self._abandon(d)
-            # Leases held with no driver (a driver that hit a store error): let them go.
-            orphans = held - set(self._drivers)
-            if orphans:
-                with contextlib.suppress(StoreError):
-                    await self.store.release_leases(owner=self.worker_id, run_ids=orphans)
-                self._poll_now.set()
