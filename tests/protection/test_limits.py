@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from admin_server import AS_OPERATOR, AS_VIEWER, TOKENS, serve
 
-from sagaway import DefinitionError, Orchestrator, PayloadTooLarge, RateLimited, Saga
+from sagaway import (
+    DefinitionError,
+    IdempotencyConflict,
+    Orchestrator,
+    PayloadTooLarge,
+    RateLimited,
+    Saga,
+)
 from sagaway.admin import create_app
 from sagaway.protection import StartLimiter
 
@@ -68,6 +75,22 @@ async def test_starts_over_the_rate_are_refused_and_counted(tmp_path: Path) -> N
         await asyncio.sleep(info.value.retry_after + 0.01)
         await orch.start("order", {})
         assert len(await orch.list(saga="order")) == 6  # the refused one wrote nothing
+
+
+async def test_a_retried_start_gets_its_run_even_over_the_rate(tmp_path: Path) -> None:
+    """A client retrying a start with its key (say, after a timeout) must get the run it
+    already has, not a 429: asking for it starts nothing."""
+    async with Orchestrator(f"sqlite:///{tmp_path}/s.db", sagas=[saga()],
+                            start_rate={"order": 1}) as orch:
+        first = await orch.start("order", {"n": 1}, key="order-1")
+        again = await orch.start("order", {"n": 1}, key="order-1")
+        assert again.id == first.id and first.created and not again.created
+        with pytest.raises(IdempotencyConflict):
+            await orch.start("order", {"n": 2}, key="order-1")
+        with pytest.raises(RateLimited):
+            await orch.start("order", {"n": 2}, key="order-2")
+        assert orch.rejections["rate_limited"] == 1
+        assert len(await orch.list(saga="order")) == 1
 
 
 async def test_payloads_over_the_limit_are_refused_and_counted(tmp_path: Path) -> None:

@@ -440,6 +440,13 @@ class Orchestrator(Recovery):
             raise
         if self._limiter is not None:
             wait = self._limiter.take(definition.name)
+            if wait > 0 and key is not None:
+                # Asking again for a run that exists starts nothing: answer it, limit or not
+                # (a client retrying a timed-out start must get its run, not a 429).
+                existing = await self.store.find_run(definition.name, key)
+                if existing is not None:
+                    self._check_same_input(existing, fingerprint(text), saga, key)
+                    return RunHandle(self, existing.id, existing.saga, created=False)
             if wait > 0:
                 self.rejections["rate_limited"] += 1
                 raise RateLimited(

@@ -420,6 +420,9 @@ class EncryptedStore(Store):
                              ) -> None:
         await self.inner.release_leases(owner=owner, run_ids=run_ids)
 
+    async def find_run(self, saga: str, idempotency_key: str) -> RunRecord | None:
+        return self._open(await self.inner.find_run(saga, idempotency_key))
+
     async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
         return self._open(await self.inner.get_run(run_id, history=history))
 

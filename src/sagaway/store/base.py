@@ -430,6 +430,11 @@ class Store(abc.ABC):
         """Give up ``owner``'s leases (all, or those runs) so other workers claim them at once."""
 
     @abc.abstractmethod
+    async def find_run(self, saga: str, idempotency_key: str) -> RunRecord | None:
+        """The run of ``saga`` started with ``idempotency_key`` (without its history), or
+        None. A unique index lookup: how a refused start still finds the run it asked for."""
+
+    @abc.abstractmethod
     async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
         """One run, with its history if asked."""
 

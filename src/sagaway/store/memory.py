@@ -293,6 +293,10 @@ class MemoryStore(Store):
             if row.record.owner == owner and (ids is None or row.record.id in ids):
                 row.record = replace(row.record, owner=None, lease_expires=None)
 
+    async def find_run(self, saga: str, idempotency_key: str) -> RunRecord | None:
+        run_id = self._keys.get((saga, idempotency_key))
+        return None if run_id is None else await self.get_run(run_id, history=False)
+
     async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
         row = self._rows.get(run_id)
         return None if row is None else self._load(row, history=history)

@@ -488,6 +488,13 @@ class PostgresStore(Store):
                     owner, list(run_ids),
                 )
 
+    async def find_run(self, saga: str, idempotency_key: str) -> RunRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_COLUMNS} FROM sagaway_runs WHERE saga = $1 AND idempotency_key = $2",
+                saga, idempotency_key)
+        return None if row is None else record_from_row(row, None)
+
     async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
         async with self._conn() as conn:
             row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM sagaway_runs WHERE id = $1",

@@ -513,6 +513,16 @@ class SQLiteStore(Store):
 
         await self._run(tx)
 
+    async def find_run(self, saga: str, idempotency_key: str) -> RunRecord | None:
+        def read(conn: sqlite3.Connection) -> RunRecord | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM sagaway_runs WHERE saga = ? AND idempotency_key = ?",
+                (saga, idempotency_key),
+            ).fetchone()
+            return None if row is None else record_from_row(row, None)
+
+        return await self._run(read)
+
     async def get_run(self, run_id: str, *, history: bool = True) -> RunRecord | None:
         def read(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(

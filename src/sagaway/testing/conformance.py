@@ -355,6 +355,22 @@ class StoreConformance:
             (True, "run-2", "refund"),
         ]
 
+    async def test_find_run_by_saga_and_key(self, store: Store) -> None:
+        await store.commit(
+            [new_run("run-1", saga="order", key="k"), new_run("run-2", saga="refund", key="k"),
+             new_run("run-3", saga="order")],
+            [], owner=OWNER, lease_seconds=LEASE,
+        )
+        found = await store.find_run("order", "k")
+        assert found is not None and found.id == "run-1" and found.input == DEFAULT_INPUT
+        assert found.idempotency_key == "k" and found.history is None
+        refund = await store.find_run("refund", "k")
+        assert refund is not None and refund.id == "run-2"
+        assert await store.find_run("order", "other") is None
+        assert await store.find_run("shipping", "k") is None
+        # Keys are data, never SQL.
+        assert await store.find_run("order", "k' OR '1'='1") is None
+
     async def test_create_with_an_existing_id_fails_and_applies_nothing(self, store: Store) -> None:
         """An id collision (no key to deduplicate on) must never overwrite a run."""
         await create(store, new_run("run-1", history=AWKWARD_HISTORY[:1]))
