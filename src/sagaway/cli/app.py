@@ -269,6 +269,25 @@ def migrate(store: Store = DEFAULT_STORE) -> None:
         out.print(f"the saga log at {where} is up to date")
 
 
+@app.command("check")
+def check_cmd(
+    spec: Annotated[str, typer.Argument(metavar="MODULE:SAGA",
+                                        help="The saga to check, e.g. shop.sagas:order (or an "
+                                             "Orchestrator, or a list of sagas).")],
+) -> None:
+    """Check saga definitions for risky shapes, each with its fix; exit 1 on errors (CI)."""
+    from sagaway.cli.check import load_sagas, report
+
+    try:
+        sagas = load_sagas(spec)
+    except (ImportError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODULE:SAGA") from exc
+    errors = report(sagas, out)
+    if errors:
+        err.print(f"{errors} error(s)")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """The console-script entry point."""
     app(prog_name="sagaway")
