@@ -1,0 +1,160 @@
+"""The crash explorer: silent on a correct saga, and it catches each classic bug with a
+schedule that replays it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from testkit_sagas import (
+    Shop,
+    consistent,
+    correct_saga,
+    refund_not_idempotent,
+    refund_trusts_result,
+)
+
+from sagaway import Saga, SagaStatus, StepContext
+from sagaway.testing import (
+    Failure,
+    SafetyError,
+    SagaHarness,
+    Schedule,
+    assert_safe,
+    explore_crashes,
+)
+
+
+def test_a_correct_saga_is_safe_at_every_crash_point() -> None:
+    shop = Shop()
+    report = explore_crashes(correct_saga(shop), {"amount": 25}, reset=shop.reset,
+                             check=consistent(shop))
+    print(report.summary())
+    assert_safe(report)
+    # Every failure point: none, then each of the 4 steps.
+    assert [p.label for p in report.points] == ["none", "reserve", "charge", "ship", "email"]
+    # One crash per durable transition and per effect of each clean run.
+    assert report.crash_points == sum(p.transitions + p.effects for p in report.points)
+    assert report.runs == report.crash_points + len(report.points)
+    none = report.points[0]
+    # run.started, four step hand-overs, the end: 5 transitions; 4 effects.
+    assert (none.transitions, none.effects) == (5, 4)
+    assert none.statuses == {"COMPLETED": none.runs}
+    # A charge failure always ends COMPENSATED, whatever the crash.
+    assert report.points[2].statuses == {"COMPENSATED": report.points[2].runs}
+
+
+def test_it_catches_a_refund_that_trusts_result_none() -> None:
+    shop = Shop()
+    report = explore_crashes(refund_trusts_result(shop), {"amount": 25},
+                             failures=["ship"], reset=shop.reset, check=consistent(shop))
+    assert not report.ok
+    found = [v for v in report.violations if "compensated, but" in " ".join(v.problems)]
+    assert found
+    # The schedules are the crashes that cut the charge after it applied.
+    assert any(v.schedule.crash_after_effect is not None for v in found)
+    with pytest.raises(SafetyError, match=r"Schedule\(failure='ship', crash_after"):
+        assert_safe(report)
+    # Replaying the schedule shows the same violation again.
+    replayed = report.replay(found[0].schedule)
+    assert replayed.violations == list(found[0].problems)
+
+
+def test_it_catches_a_refund_that_is_not_idempotent() -> None:
+    shop = Shop()
+    report = explore_crashes(refund_not_idempotent(shop), {"amount": 25},
+                             failures=["ship"], reset=shop.reset, check=consistent(shop))
+    assert not report.ok
+    # Only a crash right after the refund applied (before it was recorded) re-runs it.
+    schedules = {v.schedule for v in report.violations}
+    assert all(s.crash_after_effect is not None for s in schedules), schedules
+    problem = report.violations[0].problems[0]
+    assert "charged=-25" in problem
+    replayed = report.replay(report.violations[0].schedule)
+    assert [c.outcome for c in replayed.calls if c.step == "charge" and c.compensating] == [
+        "crashed", "ok"]
+
+
+def test_a_replayed_schedule_runs_through_the_harness_too() -> None:
+    shop = Shop()
+    saga = refund_not_idempotent(shop)
+    report = explore_crashes(saga, {"amount": 25}, failures=["ship"], reset=shop.reset,
+                             check=consistent(shop))
+    schedule = report.violations[0].schedule
+    shop.reset()
+    outcome = SagaHarness(saga).run({"amount": 25}, schedule)
+    assert outcome.status is SagaStatus.COMPENSATED
+    assert shop.charged == -25
+
+
+def test_fakes_all_checks_the_definition_alone() -> None:
+    order = Saga("order")
+    order.command_step("reserve", service="inventory", compensation="release", timeout=10)
+    order.command_step("charge", service="payments", compensation="refund", timeout=10)
+    order.command_step("ship", service="shipping", timeout=30, pivot=True)
+    report = explore_crashes(order, {"sku": "a"}, fakes="all")
+    assert_safe(report)
+    assert report.failure_points == 4
+    assert report.crash_points > 30
+
+
+def test_failure_modes_and_compensation_failures_as_failure_points() -> None:
+    shop = Shop()
+    report = explore_crashes(
+        correct_saga(shop), {"amount": 25},
+        failures=[Failure("charge", mode="times_out"),
+                  Failure("charge", mode="fails_after_effect"),
+                  Failure("reserve", compensation=True)],
+        fakes=["ship", "email"], reset=shop.reset)
+    assert_safe(report)
+    labels = [p.label for p in report.points]
+    assert labels == ["charge times_out", "charge fails_after_effect", "reserve compensation"]
+    # A refund that is never made to fail... reserve's compensation fails: FAILED only.
+    assert set(report.points[2].statuses) <= {"FAILED", "COMPLETED"}
+
+
+def test_unknown_failure_point_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no such step"):
+        explore_crashes(correct_saga(Shop()), {"amount": 1}, failures=["nope"])
+
+
+def test_a_step_without_a_compensation_that_took_effect_is_reported() -> None:
+    # A read_only step is trusted to change nothing; one that does is caught by check.
+    shop = Shop()
+    order = Saga("order")
+
+    @order.step(read_only=True)
+    def look(ctx: StepContext, data: Any) -> None:
+        shop.stock -= 1  # BUG: says read-only, is not
+
+    @order.step
+    def pay(ctx: StepContext, data: Any) -> None:
+        raise RuntimeError("declined")
+
+    @pay.compensation
+    def unpay(ctx: StepContext, data: Any, result: Any) -> None: ...
+
+    def check(outcome: Any) -> None:
+        assert shop.stock == 10, f"stock {shop.stock}"
+
+    report = explore_crashes(order, None, failures=[], reset=shop.reset, check=check)
+    assert report.failure_points == 0
+    report = explore_crashes(order, None, failures=["pay"], reset=shop.reset, check=check)
+    assert not report.ok and "stock 9" in report.violations[0].problems[0]
+
+
+def test_explorer_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    shop = Shop()
+    report = explore_crashes(correct_saga(shop), {"amount": 25}, reset=shop.reset)
+    with capsys.disabled():
+        print(f"\n{report.summary()}")
+    assert report.crash_points_per_second > 50
+
+
+def test_schedule_repr_is_code() -> None:
+    s = Schedule(failure="charge", crash_after=5)
+    assert repr(s) == "Schedule(failure='charge', crash_after=5)"
+    t = Schedule(failure=Failure("charge", mode="times_out"), crash_after_effect=2)
+    assert repr(t) == ("Schedule(failure=Failure('charge', mode='times_out'), "
+                       "crash_after_effect=2)")
+    assert eval(repr(t)) == t
