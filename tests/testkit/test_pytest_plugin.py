@@ -66,7 +66,7 @@ def test_a_users_tests_pass_with_the_fixtures(pytester: pytest.Pytester) -> None
     result = pytester.runpytest_subprocess("-p", "sagaway.testing.pytest_plugin", "-s",
                                            "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["*crash explorer: saga 'order': * crash points x 3 failure "
+    result.stdout.fnmatch_lines(["*crash explorer: saga 'order': * crash points x 7 failure "
                                  "points explored in * runs, 0 violations*"])
 
 

@@ -85,7 +85,7 @@ def check(saga: Saga) -> list[Finding]:
             _check_remote(s, add)
         if any(s.pivot or s.declared_retriable for s in stage):
             forward_only = True
-    if not pivots and all(s.compensation_fn is not None or s.read_only for s in saga.steps):
+    if not pivots and any(s.compensation_fn is not None for s in saga.steps):
         add(Severity.INFO, None, "no pivot: any failure, even at the last step, undoes the "
             "whole saga", "mark the point of no return with pivot=True if there is one")
     order = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sagaway.definition.saga import Saga
 from sagaway.testing.faults import Call, Failure
@@ -31,6 +31,10 @@ __all__ = ["SafetyError", "SafetyReport", "Violation", "assert_safe", "double_in
            "explore_crashes"]
 
 CheckFn = Callable[[Outcome], Any]
+
+MODES: tuple[Literal["fails", "times_out", "fails_after_effect"], ...] = (
+    "fails", "times_out", "fails_after_effect")
+"""The failure points explored for each step by default."""
 
 
 class SafetyError(AssertionError):
@@ -151,7 +155,7 @@ def assert_safe(report: SafetyReport) -> None:
 def _failure_points(saga: Saga, failures: Iterable[str | Failure] | None
                     ) -> list[Failure | None]:
     if failures is None:
-        return [None, *(Failure(s.name) for s in saga.steps)]
+        return [None, *(Failure(s.name, mode) for s in saga.steps for mode in MODES)]
     names = {s.name for s in saga.steps}
     points: list[Failure | None] = []
     for f in failures:
@@ -231,7 +235,8 @@ def explore_crashes(
         saga: the definition, or a :class:`SagaHarness` with its fakes already scripted.
         input: the run's input.
         failures: the failure points: step names (the step fails every attempt; after the
-            pivot, its first two) or :class:`Failure` s; default: no failure, then each step.
+            pivot, its first two) or :class:`Failure` s. Default: no failure, then each step
+            in each mode — fails, times out (nothing applied), applies but its reply is lost.
         fakes: steps to replace by fakes, or ``"all"`` (then the explorer checks the
             definition alone; with real functions it checks your code too).
         check: called with each ended run's :class:`Outcome`; raise ``AssertionError`` when

@@ -66,6 +66,11 @@ class Schedule:
     crash_after_effect: int | None = None
     double_invoke: bool = False
 
+    def __post_init__(self) -> None:
+        # A step name is the default failure of that step: one value, one schedule.
+        if isinstance(self.failure, str):
+            object.__setattr__(self, "failure", Failure(self.failure))
+
     @property
     def fault(self) -> Failure | None:
         return Failure(self.failure) if isinstance(self.failure, str) else self.failure
@@ -320,6 +325,7 @@ class _Trace(Listener):
             _FencedStore(self.store, gen), sagas=[self.saga], listeners=[self, *h.listeners],
             clock=self.clock, lease_seconds=h.lease_seconds, poll_interval=h.poll_interval,
             worker_id=f"harness-process-{gen.number}", transport=transport,
+            **h.orchestrator_options,
         )
         gen.orchestrator = orch
         await self.in_generation(gen, orch.open())
@@ -363,6 +369,10 @@ class _Trace(Listener):
 
 
 # -- wrapping steps -------------------------------------------------------------------------
+
+
+def _placeholder(ctx: StepContext, data: Any) -> None:
+    """Registered first, then replaced, so a copied step may hold any kind of action."""
 
 
 def _is_function(fn: Any) -> bool:
@@ -454,12 +464,10 @@ class _Invoker:
         if fault is None or fault.step != self.step.name or fault.compensation != \
                 self.compensating:
             return None
-        if fault.mode == "fails":
-            # After the pivot a step is retried until it succeeds: fail it twice, not forever.
-            if self.step.kind.value == "retriable" and not self.compensating:
-                return "fail" if ctx.attempt <= 2 else None
-            return "fail"
-        return "timeout" if fault.mode == "times_out" else "effect_lost"
+        # After the pivot a step is retried until it succeeds: fail it twice, not forever.
+        if self.step.kind.value == "retriable" and not self.compensating and ctx.attempt > 2:
+            return None
+        return {"fails": "fail", "times_out": "timeout"}.get(fault.mode, "effect_lost")
 
     async def _apply(self, ctx: StepContext, data: Any, *rest: Any) -> Any:
         if self.fake is not None:
@@ -520,11 +528,14 @@ class SagaHarness:
         poll_interval: how often (virtual seconds) workers look for runs to recover.
         max_virtual_seconds: a run that has not ended after this long counts as stuck.
         listeners: more listeners for the orchestrators (your metrics, your assertions).
+        orchestrator_options: more keyword arguments for every ``Orchestrator`` the harness
+            builds (what steps that are not faked need, e.g. HTTP base URLs).
     """
 
     def __init__(self, saga: Saga, *, lease_seconds: float = 10.0, poll_interval: float = 1.0,
                  max_virtual_seconds: float = DEFAULT_MAX_VIRTUAL_SECONDS,
-                 listeners: Iterable[Listener] = ()) -> None:
+                 listeners: Iterable[Listener] = (),
+                 orchestrator_options: Mapping[str, Any] | None = None) -> None:
         if not isinstance(saga, Saga):
             raise DefinitionError(f"SagaHarness needs a Saga definition, got {saga!r}")
         saga.validate()
@@ -533,6 +544,7 @@ class SagaHarness:
         self.poll_interval = poll_interval
         self.max_virtual_seconds = max_virtual_seconds
         self.listeners = list(listeners)
+        self.orchestrator_options = dict(orchestrator_options or {})
         self.fakes: dict[str, Fake] = {}
         self.services: list[Callable[[MemoryTransport], Any]] = []
 
@@ -690,7 +702,8 @@ class SagaHarness:
                                   real=None if fake else action, fake=fake).function()
             new = out.step(name=s.name, retry=s.declared_retry, timeout=s.timeout,
                            pivot=s.pivot, retriable=s.declared_retriable,
-                           read_only=s.read_only)(action)
+                           read_only=s.read_only)(_placeholder)
+            new.action = action  # a marker (command, HTTP call) need not be callable
             # Whatever else a step carries (policies, and fields other step kinds add).
             for attr, value in vars(s).items():
                 if attr not in ("saga", "action", "compensation_fn", "kind"):
