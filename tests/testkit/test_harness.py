@@ -206,3 +206,27 @@ def test_a_run_that_never_ends_is_reported() -> None:
     outcome = harness.run({"amount": 25})
     assert not outcome.ended
     assert any("did not end" in v for v in outcome.violations)
+
+
+def test_a_crashed_process_never_acts_again() -> None:
+    # Crash at every transition of a compensating run: no call from process 1 comes after
+    # a call from process 2, and nothing process 1 committed after its crash (the harness
+    # would report it) shows up.
+    harness = SagaHarness(correct_saga(Shop())).fake_all()
+    harness.fake("ship").fails(times=None)
+    clean = harness.run({"amount": 1})
+    for k in range(1, clean.transitions + 1):
+        outcome = harness.run({"amount": 1}, Schedule(crash_after=k))
+        assert outcome.ok, (k, outcome.violations)
+        gens = [c.generation for c in outcome.calls]
+        assert gens == sorted(gens), (k, [c.describe() for c in outcome.calls])
+
+
+def test_a_crash_in_the_first_transition_leaves_the_action_to_the_next_process() -> None:
+    shop = Shop()
+    outcome = SagaHarness(correct_saga(shop)).run({"amount": 25}, Schedule(crash_after=1))
+    # "run started, reserve started" was committed, then the process died before reserve
+    # ran: process 2 runs it (once), after the lease expired.
+    assert [(c.step, c.generation) for c in outcome.calls][:1] == [("reserve", 2)]
+    assert outcome.status is SagaStatus.COMPLETED
+    assert shop.stock == 9

@@ -70,8 +70,8 @@ def test_a_command_step_runs_against_a_real_participant(tmp_path: Path) -> None:
     assert outcome.status is SagaStatus.COMPLETED, outcome.timeline()
     assert outcome.run is not None and outcome.run.results["charge"] == 7
     # The command went out for real: the ledger records it as sent (possibly applied).
-    assert [(c.step, c.kind, c.outcome) for c in outcome.calls][0] == (
-        "charge", "command", "sent")
+    first = outcome.calls[0]
+    assert (first.step, first.kind, first.outcome) == ("charge", "command", "sent")
     assert bank.charged() == 7
     refused = harness.run({"amount": 7, "refuse": True})
     assert refused.status is SagaStatus.COMPENSATED

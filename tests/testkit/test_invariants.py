@@ -99,3 +99,16 @@ def test_a_completed_run_runs_no_compensation() -> None:
 def test_a_run_must_end() -> None:
     found = violations(saga(), outcome(SagaStatus.RUNNING, [call(0, "a")], ended=False))
     assert found and "did not end" in found[0]
+
+
+def test_the_fakes_records_are_checked_too() -> None:
+    calls = [call(0, "a"), call(1, "b", outcome="failed", effect=False),
+             call(2, "a", comp=True)]
+    compensated = outcome(SagaStatus.COMPENSATED, calls)
+    compensated.fakes = {"a": "applied", "b": "untouched"}
+    assert violations(saga(), compensated) == [
+        "a: its fake participant still holds the effect in a COMPENSATED run"]
+    completed = outcome(SagaStatus.COMPLETED, [call(0, "a"), call(1, "b"), call(2, "c")])
+    completed.fakes = {"a": "applied", "b": "compensated", "c": "applied"}
+    assert violations(saga(), completed) == [
+        "b: its fake participant is compensated in a COMPLETED run"]

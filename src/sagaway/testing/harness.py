@@ -121,6 +121,8 @@ class Outcome:
     violations: list[str] = field(default_factory=list)
     notes: list[tuple[str | None, str]] = field(default_factory=list)
     """``(step, message)`` findings recorded while running (double-invoke mode)."""
+    fakes: dict[str, str] = field(default_factory=dict)
+    """Each faked step's participant at the end: untouched, applied or compensated."""
 
     @property
     def ok(self) -> bool:
@@ -287,7 +289,12 @@ class _Trace(Listener):
 
     def on_transition(self, transition: Transition) -> None:
         gen = _GENERATION.get()
-        if gen is None or gen.dead:
+        if gen is None:
+            return
+        if gen.dead:
+            # Only a commit that went through calls this: a crashed process wrote.
+            self.notes.append((None, f"process {gen.number} committed a transition after it "
+                                     f"crashed: {[e.kind for e in transition.entries]}"))
             return
         self.run_id = self.run_id or transition.run_id
         self.transitions += 1
@@ -641,9 +648,12 @@ class SagaHarness:
                 task.cancel()
             for participant in services:
                 await participant.aclose()
+        fakes: dict[str, str] = {}
+        if run is not None:
+            fakes = {name: fake.state(run.id) for name, fake in self.fakes.items()}
         return Outcome(schedule, run, run.status if run else None, trace.calls,
                        trace.transitions, trace.effects, trace.crashes,
-                       clock.now() - started, ended, notes=trace.notes)
+                       clock.now() - started, ended, notes=trace.notes, fakes=fakes)
 
     async def _final(self, trace: _Trace) -> SagaRun | None:
         if trace.run_id is None:

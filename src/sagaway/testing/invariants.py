@@ -49,10 +49,17 @@ def violations(saga: Saga, outcome: Outcome) -> list[str]:
     found += _no_action_after_compensation(calls)
     if status is SagaStatus.COMPENSATED:
         found += _compensated(saga, calls)
+        # The fakes' own records: an effect still standing in a compensated run.
+        found += [f"{step}: its fake participant still holds the effect in a COMPENSATED run"
+                  for step, state in sorted(outcome.fakes.items()) if state == "applied"
+                  and saga[step].compensation_fn is not None]
     if status is SagaStatus.COMPLETED:
         undone = sorted({c.step for c in calls if c.compensating})
         if undone:
             found.append(f"the run COMPLETED but compensated {', '.join(undone)}")
+        found += [f"{step}: its fake participant is {state} in a COMPLETED run"
+                  for step, state in sorted(outcome.fakes.items())
+                  if state != "applied" and not saga[step].read_only]
     found += [msg for _step, msg in outcome.notes]
     return found
 
