@@ -70,9 +70,10 @@ class Failure:
 
     Attributes:
         step: the step's name.
-        mode: ``"fails"`` (every attempt raises; after the pivot, the first two do),
-            ``"times_out"`` (no answer, nothing applied), ``"fails_after_effect"`` (every
-            attempt applies, then its reply is lost).
+        mode: ``"fails"`` (every attempt raises), ``"times_out"`` (no answer, nothing
+            applied), ``"fails_after_effect"`` (every attempt applies, then its reply is
+            lost). A step after the pivot is retried until it succeeds, so there only its
+            first two attempts are affected.
         compensation: fail the step's compensation instead of its action (every attempt),
             so the run must end FAILED, for an operator.
     """
