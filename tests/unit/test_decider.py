@@ -747,6 +747,54 @@ def test_parallel_failure_waits_for_running_siblings_then_compensates_what_took_
     assert "e" not in run.state.steps
 
 
+def test_retry_after_stretches_the_wait_within_the_policy_cap() -> None:
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=4.0, jitter=0)
+    saga = make_saga(("a", {"retry": policy}), "b", compensation_retry=policy)
+    run = started(saga)
+    d = run.apply(ActionFailed("a", 1, "busy", 10.0, retry_after=2.0))
+    assert d.history[-1].data == {"delay": 2.0}
+    assert run.state.wake_at == 12.0
+    run.apply(TimerFired(12.0))
+    run.apply(ActionFailed("a", 2, "busy", 13.0, retry_after=3600.0))
+    assert run.state.wake_at == 17.0  # capped at max_backoff
+    run.apply(TimerFired(17.0))
+    run.apply(ActionFailed("a", 3, "busy", 18.0, retry_after=0.1))
+    assert run.state.wake_at == 20.0  # the policy's own delay is longer: it stands
+    run.apply(TimerFired(20.0))
+    run.apply(ActionSucceeded("a", 4, None, 21.0))
+    run.apply(ActionFailed("b", 1, "no", 22.0, retryable=False))
+    d = run.apply(CompensationFailed("a", 1, "busy", 23.0, retry_after=3.0))
+    assert entries(d)[-1] == ("compensation.retry_scheduled", "a", 2)
+    assert run.state.wake_at == 26.0
+
+
+def test_parallel_sibling_still_running_is_compensated_once_it_lands() -> None:
+    # The words: the others that succeeded, and those still running once they
+    # finish, are compensated; compensation across stages stays reverse.
+    run = started(PARALLEL)
+    succeed(run, "a", now=11.0)
+    run.apply(ActionSucceeded("c", 1, "c-result", 11.5))
+    d = run.apply(ActionFailed("b", 1, "rejected", 12.0, retryable=False))
+    # c succeeded, but d is still in flight: nothing is undone before d lands.
+    assert d.commands == []
+    assert run.apply(TimerFired(50.0)).commands == []
+    d = run.apply(ActionSucceeded("d", 1, "d-result", 60.0))
+    assert entries(d) == [
+        ("step.succeeded", "d", 1),
+        ("compensation.started", "c", 1),
+        ("compensation.started", "d", 1),
+    ]
+    assert d.commands == [InvokeCompensation("c", 1), InvokeCompensation("d", 1)]
+    assert run.step("d").result == "d-result"  # its compensation gets its result
+    assert run.apply(CompensationSucceeded("c", 1, 61.0)).commands == []
+    # The earlier stage only after the whole group is undone.
+    d = run.apply(CompensationSucceeded("d", 1, 62.0))
+    assert d.commands == [InvokeCompensation("a", 1)]
+    run.apply(CompensationSucceeded("a", 1, 63.0))
+    assert run.status is SagaStatus.COMPENSATED
+    assert "e" not in run.state.steps
+
+
 def test_parallel_failure_with_a_sibling_that_fails_cleanly_skips_it() -> None:
     run = started(PARALLEL)
     succeed(run, "a", now=11.0)

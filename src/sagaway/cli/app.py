@@ -118,14 +118,37 @@ def _root(
     """Durable sagas for Python microservices."""
 
 
+class Example(enum.StrEnum):
+    """The example systems ``sagaway demo`` can run (examples/ of a checkout)."""
+
+    ecommerce = "ecommerce"
+    travel = "travel"
+    bank = "bank"
+
+
 @app.command()
 def demo(
+    example: Annotated[
+        Example | None,
+        typer.Argument(help="Run an example system as real services instead (from examples/ "
+                            "of a checkout)."),
+    ] = None,
     store: Store = DEFAULT_STORE,
     fail_at: Annotated[
-        DemoStep | None,
-        typer.Option("--fail-at", help="Make this step's service fail (arrange_shipping: its "
-                                        "first 2 attempts)."),
+        str | None,
+        typer.Option("--fail-at", metavar="STEP",
+                     help="Make this step fail: one of the demo's steps (arrange_shipping: its "
+                          "first 2 attempts), or of the example's (every second saga fails "
+                          "there)."),
     ] = None,
+    sagas: Annotated[
+        int, typer.Option("--sagas", "-n", min=1, max=100_000,
+                          help="With an example: how many sagas to run.")
+    ] = 20,
+    amqp: Annotated[
+        str, typer.Option("--amqp", envvar="SAGAWAY_AMQP_URL", show_envvar=True, metavar="URL",
+                          help="With the bank example: the RabbitMQ to use.")
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
     crash_at: Annotated[
         DemoStep | None,
         typer.Option("--crash-at", help="SIGKILL this process while this step is in flight; "
@@ -140,7 +163,16 @@ def demo(
     """Run the e-commerce order saga and watch its timeline.
 
     reserve_inventory → charge_payment (pivot) → arrange_shipping (retriable), against pretend services that apply each effect once per idempotency key.
+
+    sagaway demo ecommerce|travel|bank [--fail-at STEP] [--sagas N] runs an example system instead: its services as real processes on free 127.0.0.1 ports, N sagas, then the outcome and the invariant check.
     """  # noqa: E501 - one line, so the help text wraps to the terminal
+    if example is not None:
+        _run_example(example.value, fail_at=fail_at, sagas=sagas, amqp=amqp,
+                     quick=(crash_at, resume))
+        return
+    if fail_at is not None and fail_at not in STEPS:
+        raise typer.BadParameter(f"{fail_at!r} is not a step of the demo: use one of "
+                                 f"{', '.join(STEPS)}", param_hint="--fail-at")
     if fail_at is not None and crash_at is not None:
         raise typer.BadParameter("use either --fail-at or --crash-at, not both",
                                  param_hint="--crash-at")
@@ -151,11 +183,30 @@ def demo(
     if resume is not None:
         run = _run(resume_demo(out, store, resume))
     else:
-        run = _run(run_demo(out, store, fail_at=fail_at.value if fail_at else None,
+        run = _run(run_demo(out, store, fail_at=fail_at,
                             crash_at=crash_at.value if crash_at else None))
     # COMPENSATED is the demo working as intended; only a run that needs an operator is an
     # error for the shell.
     if run.status is SagaStatus.FAILED:
+        raise typer.Exit(1)
+
+
+def _run_example(name: str, *, fail_at: str | None, sagas: int, amqp: str,
+                 quick: tuple[object, ...]) -> None:
+    from sagaway.cli.examples import EXAMPLE_STEPS, ExampleUnavailable, run_example
+
+    if any(option is not None for option in quick):
+        raise typer.BadParameter("--crash-at and --resume belong to the quick demo; an "
+                                 "example takes --fail-at, --sagas, --amqp",
+                                 param_hint="EXAMPLE")
+    if fail_at is not None and fail_at not in EXAMPLE_STEPS[name]:
+        raise typer.BadParameter(f"{fail_at!r} is not a step of {name}: use one of "
+                                 f"{', '.join(EXAMPLE_STEPS[name])}", param_hint="--fail-at")
+    try:
+        ok = run_example(out, name, sagas=sagas, fail_at=fail_at, amqp_url=amqp)
+    except ExampleUnavailable as exc:
+        _fail(str(exc))
+    if not ok:
         raise typer.Exit(1)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, overload
 
+from sagaway.definition.http import HTTP_METHODS, HttpCall, parse_template
 from sagaway.definition.retry import (
     DEFAULT_ACTION_RETRY,
     DEFAULT_COMPENSATION_RETRY,
@@ -101,6 +102,23 @@ class Command:
 DEFAULT_COMMAND_TIMEOUT = 30.0
 """Seconds a command step waits for its reply before the attempt counts as timed out."""
 
+DEFAULT_HTTP_TIMEOUT = 5.0
+"""Seconds an HTTP step's attempt may take before it counts as timed out."""
+
+
+def _http_call(where: str, method: str, url: str, *, timeout: float,
+               json: Callable[..., Any] | None, response_model: Any, compensating: bool
+               ) -> HttpCall:
+    verb = method.upper() if isinstance(method, str) else method
+    if verb not in HTTP_METHODS:
+        raise DefinitionError(f"{where}: method {method!r} is not supported; use one of "
+                              f"{', '.join(sorted(HTTP_METHODS))}")
+    if json is not None and not callable(json):
+        raise DefinitionError(f"{where}: json must be a function building the body, "
+                              f"got {json!r}")
+    service, path = parse_template(url, where=where, compensation=compensating)
+    return HttpCall(verb, url, service, path, timeout, json, response_model, compensating)
+
 
 class Step:
     """One step of a saga: an action, an optional compensation, and their policies.
@@ -154,6 +172,11 @@ class Step:
     def remote(self) -> bool:
         """The action is a command to another service (a reply wakes the run)."""
         return isinstance(self.action, Command)
+
+    @property
+    def http(self) -> bool:
+        """The action is an HTTP request (sent by the orchestrator's HTTP invoker)."""
+        return isinstance(self.action, HttpCall)
 
     @property
     def remote_compensation(self) -> bool:
@@ -406,6 +429,70 @@ class Saga:
         if compensation is not None:
             step.compensation(retry=compensation_retry, timeout=timeout)(
                 Command(service, compensation))
+        return step
+
+    def http_step(
+        self,
+        name: str,
+        method: str,
+        url: str,
+        *,
+        compensation: tuple[str, str] | None = None,
+        timeout: float = DEFAULT_HTTP_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        json: Callable[..., Any] | None = None,
+        compensation_json: Callable[..., Any] | None = None,
+        response_model: Any = None,
+        pivot: bool = False,
+        retriable: bool = False,
+        read_only: bool = False,
+    ) -> Step:
+        """Declare a step that is one HTTP request to another service.
+
+        ``order.http_step("reserve", "POST", "{inventory}/reservations",
+        compensation=("DELETE", "{inventory}/reservations/{result[reservation_id]}"))``.
+        ``{inventory}`` is a base URL from ``Orchestrator(services={"inventory": …})`` (or
+        ``SAGAWAY_SERVICE_INVENTORY``); the other fields are listed in
+        ``sagaway.definition.http``. Every attempt carries ``Idempotency-Key``.
+
+        Args:
+            method, url: the action's request. POST, PUT and PATCH send the run's input as
+                the JSON body; GET and DELETE send none.
+            compensation: ``(method, url)`` of the request that undoes it; its default body
+                (POST/PUT/PATCH) is ``{"input": …, "result": …}``. A 404 or 410 answer counts
+                as undone (nothing to undo).
+            timeout: seconds per attempt (action and compensation); a timed-out attempt
+                counts as possibly applied.
+            json: ``(ctx, data) -> body`` for the action (``None`` sends no body).
+            compensation_json: ``(ctx, data, result) -> body`` for the compensation.
+            response_model: a pydantic model the 2xx body must match; the step's result is
+                the validated model as JSON. A body that does not match fails the step
+                (possibly applied, not retried).
+        """
+        where = f"HTTP step {name!r} of saga {self.name!r}"
+        if timeout is None or not isinstance(timeout, int | float) or timeout <= 0:
+            raise DefinitionError(f"{where}: timeout must be > 0 seconds")
+        if response_model is not None and not callable(getattr(response_model,
+                                                               "model_validate", None)):
+            raise DefinitionError(f"{where}: response_model must be a pydantic model class, "
+                                  f"got {response_model!r}")
+        action = _http_call(where, method, url, timeout=float(timeout), json=json,
+                            response_model=response_model, compensating=False)
+        declare = self.step(name=name, retry=retry, timeout=timeout, pivot=pivot,
+                            retriable=retriable, read_only=read_only)
+        step: Step = declare(action)
+        if compensation is None:
+            if compensation_json is not None:
+                raise DefinitionError(f"{where}: compensation_json needs a compensation")
+            return step
+        if (not isinstance(compensation, tuple | list) or len(compensation) != 2):
+            raise DefinitionError(f"{where}: compensation must be (method, url), e.g. "
+                                  f"('DELETE', '{{inventory}}/reservations/{{result[id]}}')")
+        undo = _http_call(f"{where} (compensation)", compensation[0], compensation[1],
+                          timeout=float(timeout), json=compensation_json, response_model=None,
+                          compensating=True)
+        step.compensation(retry=compensation_retry, timeout=timeout)(undo)
         return step
 
     def parallel(self, *steps: Step) -> None:

@@ -157,7 +157,8 @@ class _Decider:
             self.begin_compensation(f"step {step.name!r} failed: {error}")
 
     def action_failed(self, step: Step, s: StepState, error: str, *, retryable: bool,
-                      maybe_applied: bool, immediate: bool = False) -> None:
+                      maybe_applied: bool, immediate: bool = False,
+                      retry_after: float | None = None) -> None:
         s.error = error
         if maybe_applied:
             s.maybe_applied = True
@@ -170,6 +171,7 @@ class _Decider:
             delay = 0.0 if immediate else step.retry.delay(
                 s.attempts, idempotency_key(self.run_id, step.name, compensation=False)
             )
+            delay = _honour(delay, retry_after, step.retry.max_backoff)
             s.status = StepStatus.WAITING
             s.wake_at = self.now + delay
             self.log("step.retry_scheduled", step.name, next_attempt, delay=round(delay, 6))
@@ -223,7 +225,8 @@ class _Decider:
         self.finish(SagaStatus.COMPENSATED)
 
     def compensation_failed(self, step: Step, s: StepState, error: str, *, retryable: bool,
-                            immediate: bool = False) -> None:
+                            immediate: bool = False, retry_after: float | None = None
+                            ) -> None:
         s.error = error
         next_attempt = s.compensation_attempts + 1
         if retryable and step.compensation_retry.allows(
@@ -231,6 +234,7 @@ class _Decider:
             delay = 0.0 if immediate else step.compensation_retry.delay(
                 s.compensation_attempts, idempotency_key(self.run_id, step.name, compensation=True)
             )
+            delay = _honour(delay, retry_after, step.compensation_retry.max_backoff)
             s.status = StepStatus.COMPENSATION_WAITING
             s.wake_at = self.now + delay
             self.log("compensation.retry_scheduled", step.name, next_attempt,
@@ -310,7 +314,7 @@ class _Decider:
             # was late.
             s.maybe_applied = False
         self.action_failed(step, s, event.error, retryable=event.retryable,
-                           maybe_applied=event.maybe_applied)
+                           maybe_applied=event.maybe_applied, retry_after=event.retry_after)
 
     def on_compensation_succeeded(self, event: CompensationSucceeded) -> None:
         found = self.current_step(event)
@@ -330,7 +334,8 @@ class _Decider:
         step, s = found
         self.log("compensation.failed", step.name, event.attempt, error=event.error,
                  retryable=event.retryable)
-        self.compensation_failed(step, s, event.error, retryable=event.retryable)
+        self.compensation_failed(step, s, event.error, retryable=event.retryable,
+                                 retry_after=event.retry_after)
 
     def on_timer(self) -> None:
         if self.state.status.finished:
@@ -468,6 +473,13 @@ class _Decider:
         if self.state.status is SagaStatus.COMPENSATING:
             self.advance_compensation()
         self.on_timer()
+
+
+def _honour(delay: float, retry_after: float | None, cap: float) -> float:
+    """The policy's delay, stretched to what the service asked for, within the policy's cap."""
+    if retry_after is None or retry_after <= delay:
+        return delay
+    return max(delay, min(retry_after, cap))
 
 
 OPERATOR_ALLOWED: dict[str, tuple[SagaStatus, ...]] = {

@@ -26,8 +26,9 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sagaway.definition.http import HttpCall
 from sagaway.definition.saga import Command as CommandSpec
 from sagaway.definition.saga import Saga, StepContext, idempotency_key
 from sagaway.engine.clock import Clock, SystemClock
@@ -66,10 +67,14 @@ from sagaway.errors import (
     UnknownSaga,
     WaitTimeout,
 )
+from sagaway.invokers import InvocationFailed
 from sagaway.messaging.base import Delivery, Subscription, Transport
 from sagaway.run import ACTIVE_STATUSES, HistoryEntry, SagaRun, SagaStatus
 from sagaway.store import open_store
 from sagaway.store.base import NewRun, OutboxMessage, RunRecord, RunUpdate, Store
+
+if TYPE_CHECKING:
+    from sagaway.invokers.http import HttpInvoker
 
 __all__ = ["NonRetryableError", "Orchestrator", "RunHandle"]
 
@@ -179,6 +184,15 @@ class Orchestrator:
         transport: the message broker for command steps (``amqp://…``, ``nats://…``,
             ``redis://…``, ``memory://``, or a Transport): commands go out through the
             store's outbox, replies come back on ``reply_to``, which all workers share.
+        services: base URLs of the services HTTP steps name (``{"inventory":
+            "http://10.0.0.5:8001"}``); a service missing here is read from the
+            ``SAGAWAY_SERVICE_<NAME>`` environment variable; ``open()`` raises
+            DefinitionError for one found in neither.
+        http_connections: the most HTTP connections open at once to one service (each
+            service has its own pool, shared by every HTTP step of this worker); more
+            requests than this wait for a free connection within their timeout. httpx's
+            pool checks every idle connection on every request, so a large pool costs
+            CPU (see the README's figures); raise it for slow services.
     """
 
     def __init__(
@@ -197,6 +211,8 @@ class Orchestrator:
         worker: bool = True,
         transport: str | Transport | None = None,
         reply_to: str = "sagaway.replies",
+        services: Mapping[str, str] | None = None,
+        http_connections: int = 16,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
@@ -221,6 +237,9 @@ class Orchestrator:
         self.reply_to = reply_to
         self._relay: OutboxRelay | None = None
         self._replies: Subscription | None = None
+        self.services = dict(services or {})
+        self._http_connections = http_connections
+        self._http: HttpInvoker | None = None
         if worker and transport is None:
             remote = [f"{s.name}.{st.name}" for s in self.sagas for st in s.steps
                       if st.remote or st.remote_compensation]
@@ -253,6 +272,8 @@ class Orchestrator:
                 f"saga {saga.name!r} version {saga.version} is registered twice; bump the "
                 f"version of the newer definition"
             )
+        if getattr(self, "_open", False) and self.worker:
+            self._open_http([saga])
         self._definitions[key] = saga
         latest = self._latest.get(saga.name)
         if latest is None or saga.version > latest.version:
@@ -288,6 +309,8 @@ class Orchestrator:
         """Open the store, then start recovering runs whose lease expired."""
         if self._open:
             return
+        if self.worker:
+            self._open_http(self.sagas)
         await self.store.open()
         self._threads = ThreadPoolExecutor(self._max_threads, thread_name_prefix="sagaway-step")
         self._committer = GroupCommitter(
@@ -348,7 +371,24 @@ class Orchestrator:
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
             self._threads = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         await self.store.aclose()
+
+    def _open_http(self, sagas: Iterable[Saga]) -> None:
+        """Resolve the base URLs HTTP steps need (DefinitionError if one is missing) and
+        open the shared HTTP client on first need."""
+        if not any(s.http or isinstance(s.compensation_fn, HttpCall)
+                   for saga in sagas for s in saga.steps):
+            return
+        from sagaway.invokers.http import HttpInvoker, resolve_services
+
+        services = resolve_services(sagas, self.services)
+        if self._http is None:
+            self._http = HttpInvoker(services, max_connections=self._http_connections)
+        else:
+            self._http.add_services(services)
 
     def _require_open(self) -> GroupCommitter:
         if not self._open or self._committer is None:
@@ -927,6 +967,11 @@ class Orchestrator:
             del self._drivers[d.run_id]
         d.done.set()
 
+    def _http_invoker(self) -> HttpInvoker:
+        if self._http is None:
+            raise OrchestratorClosed("the orchestrator is closed")
+        return self._http
+
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args)
@@ -938,10 +983,10 @@ class Orchestrator:
             return await result
         return result
 
-    def _context(self, d: _Driver, step: str, attempt: int, *, compensating: bool
-                 ) -> StepContext:
+    def _context(self, d: _Driver, step: str, attempt: int, *, compensating: bool,
+                 http: bool = False) -> StepContext:
         headers = (self._headers_for(Invocation(d.run_id, d.saga.name, step, attempt,
-                                                compensating, "local"))
+                                                compensating, "http" if http else "local"))
                    if self.listeners else {})
         return StepContext(
             run_id=d.run_id,
@@ -964,10 +1009,19 @@ class Orchestrator:
 
     async def _invoke_action(self, d: _Driver, cmd: InvokeAction) -> Event:
         step = d.saga[cmd.step]
-        ctx = self._context(d, step.name, cmd.attempt, compensating=False)
+        action = step.action
+        ctx = self._context(d, step.name, cmd.attempt, compensating=False,
+                            http=isinstance(action, HttpCall))
         event: Event
         try:
-            result = await self._call_within(step.timeout, step.action, ctx, d.input)
+            if isinstance(action, HttpCall):
+                result = await self._http_invoker().act(action, ctx, d.input)
+            else:
+                result = await self._call_within(step.timeout, step.action, ctx, d.input)
+        except InvocationFailed as exc:
+            event = ActionFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
+                                 retryable=exc.retryable, maybe_applied=exc.maybe_applied,
+                                 retry_after=exc.retry_after)
         except TimeoutError as exc:
             # Our timeout, or the step's own (a client timeout): either way the effect may
             # have happened.
@@ -997,13 +1051,22 @@ class Orchestrator:
         step = d.saga[cmd.step]
         fn = step.compensation_fn
         assert fn is not None
-        ctx = self._context(d, step.name, cmd.attempt, compensating=True)
+        ctx = self._context(d, step.name, cmd.attempt, compensating=True,
+                            http=isinstance(fn, HttpCall))
         state = d.state.steps.get(step.name)
+        known = state is not None and state.succeeded
         # The action's result if an attempt succeeded; None if it timed out or was cut.
         result = state.result if state is not None and state.succeeded else None
         event: Event
         try:
-            await self._call_within(step.compensation_timeout, fn, ctx, d.input, result)
+            if isinstance(fn, HttpCall):
+                await self._http_invoker().undo(fn, ctx, d.input, result, known=known,
+                                                action=step.action)
+            else:
+                await self._call_within(step.compensation_timeout, fn, ctx, d.input, result)
+        except InvocationFailed as exc:
+            event = CompensationFailed(step.name, cmd.attempt, exc.message, self.clock.now(),
+                                       retryable=exc.retryable, retry_after=exc.retry_after)
         except TimeoutError as exc:
             what = (f"timed out after {step.compensation_timeout}s"
                     if step.compensation_timeout else _describe(exc))

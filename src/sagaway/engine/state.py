@@ -179,6 +179,9 @@ class ActionFailed:
     retryable: bool = True
     maybe_applied: bool = False
     """True when the attempt's outcome is unknown (a timeout): it may have taken effect."""
+    retry_after: float | None = None
+    """Seconds the service asked to wait before another attempt (HTTP ``Retry-After``);
+    the next attempt waits at least this long, up to the policy's ``max_backoff``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,7 @@ class CompensationFailed:
     error: str
     now: float
     retryable: bool = True
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,10 +76,17 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self,
+        key: str,
+        reply: dict[str, Any] | None,
+        *,
+        undo: bool,
+        destination: str | None = None,
+        body: str | None = None,
     ) -> None:
         """Roll back to the savepoint if ``undo``; record ``reply`` for ``key`` (``None``:
-        it is already recorded); enqueue ``body`` for ``destination``; commit."""
+        it is already recorded); enqueue ``body`` for ``destination`` (none: an HTTP
+        endpoint answers in its response); commit."""
 
 
 class Database(abc.ABC):

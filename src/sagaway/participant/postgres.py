@@ -159,6 +159,8 @@ class PostgresDatabase(Database):
                     conn = await asyncpg.connect(self.dsn)
                     try:
                         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                    except asyncpg.UniqueViolationError:
+                        pass  # another replica created it at the same moment (IF NOT EXISTS races)
                     finally:
                         await conn.close()
                 settings = {"search_path": self.schema} if self.schema else None
@@ -317,7 +319,13 @@ class _PostgresTransaction(Transaction):
             raise
 
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self,
+        key: str,
+        reply: dict[str, Any] | None,
+        *,
+        undo: bool,
+        destination: str | None = None,
+        body: str | None = None,
     ) -> None:
         conn = self.connection
         if self._sync is not None:
@@ -328,7 +336,13 @@ class _PostgresTransaction(Transaction):
         try:
             if self._savepoint is not None:
                 await (self._savepoint.rollback() if undo else self._savepoint.commit())
-            await conn.execute(_COMMIT_SQL, key, text, destination, body, time.time())
+            if destination is not None:
+                await conn.execute(_COMMIT_SQL, key, text, destination, body, time.time())
+            elif text is not None:
+                await conn.execute(
+                    "UPDATE sagaway_inbox SET reply = $2::text::json WHERE idempotency_key = $1",
+                    key, text,
+                )
             await self._tx.commit()
         except _ERRORS as exc:
             raise self._db._error("committing a command", exc) from exc

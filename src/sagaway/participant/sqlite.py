@@ -283,7 +283,13 @@ class _SQLiteTransaction(Transaction):
         return await self._db._call(fn, wrap=False)
 
     async def commit(
-        self, key: str, reply: dict[str, Any] | None, *, undo: bool, destination: str, body: str
+        self,
+        key: str,
+        reply: dict[str, Any] | None,
+        *,
+        undo: bool,
+        destination: str | None = None,
+        body: str | None = None,
     ) -> None:
         def commit(conn: sqlite3.Connection) -> None:
             if not conn.in_transaction:
@@ -296,11 +302,12 @@ class _SQLiteTransaction(Transaction):
                     "INSERT INTO sagaway_inbox VALUES (?, ?, ?)",
                     (key, json.dumps(reply, separators=(",", ":")), now),
                 )
-            conn.execute(
-                "INSERT INTO sagaway_participant_outbox (destination, body, created_at) "
-                "VALUES (?, ?, ?)",
-                (destination, body, now),
-            )
+            if destination is not None:
+                conn.execute(
+                    "INSERT INTO sagaway_participant_outbox (destination, body, created_at) "
+                    "VALUES (?, ?, ?)",
+                    (destination, body, now),
+                )
             conn.execute("COMMIT")
 
         self.connection._live = False
