@@ -50,7 +50,10 @@ def _is_local(fn: Any) -> bool:
 
 
 def _kind_name(fn: Any) -> str:
-    return "local function" if _is_local(fn) else type(fn).__name__.lower()
+    if _is_local(fn):
+        return "local function"
+    name = type(fn).__name__
+    return {"Command": "command", "HttpCall": "HTTP call"}.get(name, name)
 
 
 def check(saga: Saga) -> list[Finding]:

@@ -40,7 +40,7 @@ from sagaway.testing.explorer import (
     explore_crashes,
 )
 from sagaway.testing.faults import Call, Failure, Fake, InjectedFailure
-from sagaway.testing.harness import Outcome, SagaHarness, Schedule
+from sagaway.testing.harness import HarnessError, Outcome, SagaHarness, Schedule
 from sagaway.testing.virtual import VirtualClock, VirtualTimeLoop, run_virtual
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ __all__ = [
     "Fake",
     "FakeClock",
     "Finding",
+    "HarnessError",
     "InjectedFailure",
     "Outcome",
     "SafetyError",

@@ -28,10 +28,10 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagaway.definition.saga import Saga, Step, StepContext
+from sagaway.definition.saga import Command, Saga, Step, StepContext
 from sagaway.engine.listener import Invocation, Listener, Transition
 from sagaway.engine.runtime import Orchestrator
-from sagaway.errors import DefinitionError
+from sagaway.errors import DefinitionError, SagawayError
 from sagaway.messaging.memory import MemoryBroker, MemoryTransport
 from sagaway.run import SagaRun, SagaStatus
 from sagaway.store.base import Store
@@ -40,9 +40,13 @@ from sagaway.testing.faults import Call, Failure, Fake, InjectedFailure
 from sagaway.testing.faults import Outcome as CallOutcome
 from sagaway.testing.virtual import VirtualClock, run_virtual
 
-__all__ = ["Outcome", "SagaHarness", "Schedule"]
+__all__ = ["HarnessError", "Outcome", "SagaHarness", "Schedule"]
 
 DEFAULT_MAX_VIRTUAL_SECONDS = 7 * 24 * 3600.0
+
+class HarnessError(SagawayError):
+    """The harness cannot run this saga as configured (the message says what to change)."""
+
 
 _GENERATION: contextvars.ContextVar[_Generation | None] = contextvars.ContextVar(
     "sagaway_testing_generation", default=None)
@@ -603,6 +607,7 @@ class SagaHarness:
         """:meth:`run` on the running loop, which must be a ``VirtualTimeLoop``."""
         from sagaway.testing.invariants import violations
 
+        self._check_reachable()
         loop = asyncio.get_running_loop()
         previous = loop.get_task_factory()
         loop.set_task_factory(_task_factory)  # type: ignore[arg-type]
@@ -696,9 +701,20 @@ class SagaHarness:
 
     def _needs_transport(self, saga: Saga) -> bool:
         return bool(saga.events) or any(
-            not _is_function(s.action) or
-            (s.compensation_fn is not None and not _is_function(s.compensation_fn))
+            isinstance(s.action, Command) or isinstance(s.compensation_fn, Command)
             for s in saga.steps)
+
+    def _check_reachable(self) -> None:
+        """Steps that are neither faked, local, nor commands cannot run in virtual time."""
+        for s in self.saga.steps:
+            if s.name in self.fakes:
+                continue
+            for fn in (s.action, s.compensation_fn):
+                if fn is not None and not _is_function(fn) and not isinstance(fn, Command):
+                    raise HarnessError(
+                        f"step {s.name!r} is a {type(fn).__name__} ({getattr(fn, '__name__', fn)})"
+                        f": the harness runs in virtual time and cannot wait on a real network;"
+                        f" fake it with harness.fake({s.name!r}) (or fakes='all')")
 
     def _instrument(self, trace: _Trace) -> Saga:
         """A copy of the definition whose steps report to ``trace``."""
