@@ -134,7 +134,7 @@ class SafetyReport:
         for p in self.points:
             ends = ", ".join(f"{k} {v}" for k, v in sorted(p.statuses.items()))
             if p.operator:
-                ends += f" (of which {p.operator} FAILED for an operator: pivot cut by a crash)"
+                ends += f" ({p.operator} for an operator: the pivot's outcome unknown)"
             lines.append(f"  {p.label:<32} {p.transitions:>11} {p.effects:>7} "
                          f"{p.crash_points:>9} {p.violations:>10}  {ends}")
         for i, v in enumerate(self.violations, 1):
@@ -258,6 +258,7 @@ def explore_crashes(
             point = PointSummary(fault.label() if fault else "none", clean.transitions,
                                  clean.effects, runs=1,
                                  violations=1 if clean.violations else 0,
+                                 operator=1 if pivot_unknown(clean) else 0,
                                  statuses={clean.status.value if clean.status else "?": 1})
             for k in range(1, clean.transitions + 1):
                 await session.run(Schedule(failure=fault, crash_after=k), point)

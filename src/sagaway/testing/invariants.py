@@ -34,11 +34,9 @@ def violations(saga: Saga, outcome: Outcome) -> list[str]:
         found.append(f"the run did not end: still {status.value if status else '?'} after "
                      f"{outcome.virtual_seconds:.0f} virtual seconds")
         return found
-    # FAILED is right when a compensation was made to fail, or when the pivot's outcome was
-    # made unknown (after the point of no return sagaway does not guess).
-    made_to_fail = fault is not None and (
-        fault.compensation
-        or (fault.mode != "fails" and fault.step in {s.name for s in saga.steps if s.pivot}))
+    # FAILED is right when a compensation was made to fail, or when the pivot's outcome is
+    # unknown (after the point of no return sagaway does not guess; an operator decides).
+    made_to_fail = fault is not None and fault.compensation
     if status is SagaStatus.FAILED and not made_to_fail and not pivot_unknown(outcome):
         found.append(f"the run ended FAILED although no compensation was made to fail: "
                      f"{outcome.run.error}")
@@ -65,14 +63,15 @@ def violations(saga: Saga, outcome: Outcome) -> list[str]:
 
 
 def pivot_unknown(outcome: Outcome) -> bool:
-    """The run ended FAILED because a crash cut the pivot, whose outcome is then unknown.
+    """The run ended FAILED because the pivot's outcome is unknown (it timed out, went
+    silent after its effect, or a crash cut it).
 
     That is sagaway's documented rule (after the point of no return it neither finishes nor
     compensates on a guess; an operator decides), so it is an allowed end, counted apart.
     """
     error = outcome.run.error if outcome.run is not None else None
-    return (outcome.status is SagaStatus.FAILED and outcome.crashes > 0
-            and error is not None and "gave up with an unknown outcome" in error)
+    return (outcome.status is SagaStatus.FAILED and error is not None
+            and "gave up with an unknown outcome" in error)
 
 
 def _keys(calls: list[Call], run_id: str) -> list[str]:
