@@ -21,6 +21,7 @@ from sagaway.testing.simulation import (
     SimulationReport,
     assert_simulation_safe,
     fault_plans,
+    seeds,
     simulate,
 )
 
@@ -141,8 +142,9 @@ def test_real_participants_survive_seeded_chaos(tmp_path: Path, seed: int) -> No
 class DictShop:
     """FakeServices over dicts; ``idempotent=False`` is a participant without an inbox."""
 
-    def __init__(self, *, idempotent: bool, tolerant: bool = True) -> None:
+    def __init__(self, *, idempotent: bool, tolerant: bool = True, fence: bool = True) -> None:
         self.idempotent = idempotent
+        self.fence = fence
         self.tolerant = tolerant
         """Undo only what was done (``False``: refund and release whatever happened)."""
         self.world = {"stock": 100, "balance": 0}
@@ -171,15 +173,15 @@ class DictShop:
                 raise NonRetryableError("no courier")
             return "shipped"
 
-        idem = self.idempotent
+        idem, fence = self.idempotent, self.fence
         return [
             lambda t: FakeService("inventory", t, {"reserve": add("stock", -1),
                                                    "release": add("stock", 1)},
-                                  idempotent=idem),
+                                  idempotent=idem, fence=fence),
             lambda t: FakeService("payments", t, {"charge": add("balance", 1),
                                                   "refund": add("balance", -1)},
-                                  idempotent=idem),
-            lambda t: FakeService("shipping", t, {"ship": ship}, idempotent=idem),
+                                  idempotent=idem, fence=fence),
+            lambda t: FakeService("shipping", t, {"ship": ship}, idempotent=idem, fence=fence),
         ]
 
     def check(self, report: SimulationReport) -> None:
@@ -247,6 +249,32 @@ def test_a_refund_that_cannot_take_nothing_to_undo_is_caught_with_a_minimal_plan
     report = run(shop, smallest)
     print(report)
     assert "the world is" in report.violations[0]
+
+
+@settings(max_examples=15, deadline=None, database=None)
+@given(plan=seeds(drop=0.2, duplicate=0.2, delay=0.3))
+def test_an_idempotent_shop_survives_seeded_plans(plan: FaultPlan) -> None:
+    shop = DictShop(idempotent=True)
+    report = run(shop, plan, ORDERS)
+    assert_simulation_safe(report)
+    assert report.messages  # the orders went through the chaos network
+
+
+def test_a_late_command_after_its_compensation_is_caught_without_a_fence() -> None:
+    # Found by the seeded simulation itself: every reserve attempt goes unanswered in time,
+    # the step is compensated (nothing to undo), then a delayed reserve command arrives and
+    # is applied for good. A participant must fence the action when its compensation runs.
+    shop = DictShop(idempotent=True, fence=False)
+    plan = FaultPlan.from_seed(181, drop=0.2, duplicate=0.2, delay=0.3)
+    report = run(shop, plan, ORDERS)
+    assert not report.ok and "'stock': 96" in report.violations[0]
+    assert run(DictShop(idempotent=True), plan, ORDERS).ok
+    smallest = find(fault_plans(max_messages=12),
+                    lambda p: not run(DictShop(idempotent=True, fence=False), p).ok,
+                    settings=settings(max_examples=500, database=None, deadline=None,
+                                      suppress_health_check=list(HealthCheck)))
+    print(smallest)
+    assert smallest.faults is not None and any(f.startswith("delay") for f in smallest.faults)
 
 
 def test_a_seeded_plan_is_reproducible_and_prints_as_code() -> None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
 __all__ = ["ChaosTransport", "FakeService", "FaultPlan", "SimulationReport",
-           "assert_simulation_safe", "fault_plans", "simulate"]
+           "assert_simulation_safe", "fault_plans", "seeds", "simulate"]
 
 FAULTS = ("deliver", "drop", "duplicate", "delay_1", "delay_5", "delay_30")
 """What can happen to one message. ``delay_N`` delivers it N virtual seconds late."""
@@ -164,15 +164,20 @@ class FakeService:
         idempotent: keep an inbox (idempotency key → reply) and answer a repeated key with
             the recorded reply; ``False`` runs the handler on every delivery (a participant
             built without an inbox: what duplicates break).
+        fence: a compensation also records its action's key as "not applied", so an action
+            command that arrives after its compensation (delayed in the network) is refused
+            rather than applied for good — as :class:`~sagaway.participant.Participant`
+            does. ``False``: what late commands break.
     """
 
     def __init__(self, service: str, transport: Transport,
                  handlers: Mapping[str, Callable[[Any, str], Any]], *,
-                 idempotent: bool = True) -> None:
+                 idempotent: bool = True, fence: bool = True) -> None:
         self.service = service
         self.transport = transport
         self.handlers = dict(handlers)
         self.idempotent = idempotent
+        self.fence = fence
         self.inbox: dict[str, dict[str, Any]] = {}
         self._subscription: Subscription | None = None
 
@@ -191,6 +196,10 @@ class FakeService:
         env = delivery.envelope
         key = env.idempotency_key or ""
         reply = self.inbox.get(key) if self.idempotent else None
+        if reply is None and self.fence and key.endswith(":compensation"):
+            action = key.removesuffix(":compensation") + ":action"
+            self.inbox.setdefault(action, {"ok": False, "retryable": False,
+                                           "error": "compensated before it was applied"})
         if reply is None:
             try:
                 result = self.handlers[env.type](env.payload, key)
@@ -343,8 +352,11 @@ def fault_plans(max_messages: int = 40) -> SearchStrategy[FaultPlan]:
         lambda faults: FaultPlan(faults=tuple(faults)))
 
 
-def seeds() -> SearchStrategy[FaultPlan]:
-    """A Hypothesis strategy over seeded plans (wide coverage; shrinks only the seed)."""
+def seeds(*, drop: float = 0.1, duplicate: float = 0.1, delay: float = 0.2
+          ) -> SearchStrategy[FaultPlan]:
+    """A Hypothesis strategy over seeded plans: every message meets a fault at these rates
+    (wide coverage of long runs; a failure shrinks only as far as its seed)."""
     from hypothesis import strategies as st
 
-    return st.integers(min_value=0, max_value=2**32 - 1).map(FaultPlan.from_seed)
+    return st.integers(min_value=0, max_value=2**32 - 1).map(
+        lambda seed: FaultPlan.from_seed(seed, drop=drop, duplicate=duplicate, delay=delay))
