@@ -230,3 +230,39 @@ def test_a_crash_in_the_first_transition_leaves_the_action_to_the_next_process()
     assert [(c.step, c.generation) for c in outcome.calls][:1] == [("reserve", 2)]
     assert outcome.status is SagaStatus.COMPLETED
     assert shop.stock == 9
+
+
+def test_a_fresh_harness_replays_a_parallel_saga_to_the_same_timeline() -> None:
+    def run() -> Any:
+        order = Saga("trip")
+
+        @order.step
+        def flight(ctx: StepContext, data: Any) -> None: ...
+
+        @flight.compensation
+        def unflight(ctx: StepContext, data: Any, result: Any) -> None: ...
+
+        @order.step
+        def hotel(ctx: StepContext, data: Any) -> None: ...
+
+        @hotel.compensation
+        def unhotel(ctx: StepContext, data: Any, result: Any) -> None: ...
+
+        order.parallel(flight, hotel)
+        harness = SagaHarness(order)
+        harness.fake("flight").fails(times=None)
+        harness.fake("hotel").fails(times=2)
+        return harness.run({"who": "ada"}, Schedule(crash_after=3))
+
+    a, b = run(), run()
+    assert a.timeline() == b.timeline()
+    assert a.run is not None and b.run is not None and a.run.id == b.run.id
+
+
+def test_two_runs_on_one_harness_are_two_runs() -> None:
+    shop = Shop()
+    harness = SagaHarness(correct_saga(shop))
+    first, second = harness.run({"amount": 25}), harness.run({"amount": 25})
+    assert first.run is not None and second.run is not None
+    assert first.run.id != second.run.id
+    assert shop.stock == 8 and shop.charged == 50

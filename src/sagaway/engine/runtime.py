@@ -193,6 +193,8 @@ class Orchestrator:
             requests than this wait for a free connection within their timeout. httpx's
             pool checks every idle connection on every request, so a large pool costs
             CPU (see the README's figures); raise it for slow services.
+        run_ids: makes the id of each run started here (default: a UUIDv7); the testing
+            kit passes a deterministic one, so a schedule replays identically.
     """
 
     def __init__(
@@ -213,6 +215,7 @@ class Orchestrator:
         reply_to: str = "sagaway.replies",
         services: Mapping[str, str] | None = None,
         http_connections: int = 16,
+        run_ids: Callable[[], str] | None = None,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be > 0")
@@ -235,6 +238,7 @@ class Orchestrator:
             transport = open_transport(transport)
         self.transport: Transport | None = transport
         self.reply_to = reply_to
+        self._new_run_id = run_ids or new_run_id
         self._relay: OutboxRelay | None = None
         self._replies: Subscription | None = None
         self.services = dict(services or {})
@@ -415,7 +419,7 @@ class Orchestrator:
             raise InvalidPayload("key must be a non-empty string of at most 512 characters")
         plain, text = encode(input, what=f"the input of saga {saga!r}",
                              limit=self.max_payload_bytes)
-        run_id = new_run_id()
+        run_id = self._new_run_id()
         now = self.clock.now()
         if not self.worker:
             return await self._submit(committer, definition, run_id, now, plain, text, key)

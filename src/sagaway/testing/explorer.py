@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from sagaway.definition.saga import Saga
 from sagaway.testing.faults import Call, Failure
-from sagaway.testing.harness import Outcome, SagaHarness, Schedule, StateFn
+from sagaway.testing.harness import Outcome, SagaHarness, Schedule, StateFn, stable_id
 from sagaway.testing.invariants import pivot_unknown
 from sagaway.testing.virtual import run_virtual
 
@@ -182,7 +182,11 @@ class _Session:
     async def run(self, schedule: Schedule, point: PointSummary | None = None) -> Outcome:
         if self.reset is not None:
             self.reset()
-        outcome = await self.harness.arun(self.input, schedule, state=self.state)
+        # One id per schedule, the same when replayed: an identical timeline.
+        run_id = stable_id(self.harness.saga.name, self.harness.saga.version, self.input,
+                           repr(schedule), "explore")
+        outcome = await self.harness.arun(self.input, schedule, state=self.state,
+                                          run_id=run_id)
         if self.check is not None and outcome.ended and outcome.run is not None:
             try:
                 self.check(outcome)

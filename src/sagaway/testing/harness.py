@@ -23,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import hashlib
 import inspect
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+import json
+import uuid
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,7 @@ from sagaway.engine.runtime import Orchestrator
 from sagaway.errors import DefinitionError, SagawayError
 from sagaway.messaging.memory import MemoryBroker, MemoryTransport
 from sagaway.run import SagaRun, SagaStatus
-from sagaway.store.base import Store
+from sagaway.store.base import BatchResult, NewRun, OutboxRecord, RunUpdate, Store
 from sagaway.store.memory import MemoryStore
 from sagaway.testing.faults import Call, Failure, Fake, InjectedFailure
 from sagaway.testing.faults import Outcome as CallOutcome
@@ -259,6 +262,41 @@ class _FencedStore(Store):
         return await self._inner.count_runs(*args, **kwargs)
 
 
+def stable_id(*parts: Any) -> str:
+    """A run id that is a function of ``parts``: the same schedule gets the same id, so its
+    retry jitter (derived from the idempotency key) and its timeline replay identically."""
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return str(uuid.UUID(bytes=digest, version=4))
+
+
+class OrderedMemoryStore(MemoryStore):
+    """A memory store whose outbox is claimed in the order messages were written.
+
+    The memory store breaks ties between messages written at the same instant by their
+    random ids; in virtual time many are written at the same instant, so the harness and
+    the simulation use this one, and a schedule (or a fault plan) replays identically.
+    """
+
+    def __init__(self, *, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock)
+        self._written: dict[str, int] = {}
+
+    async def commit(self, creates: Sequence[NewRun], updates: Sequence[RunUpdate], *,
+                     owner: str, lease_seconds: float) -> BatchResult:
+        for messages in [c.outbox for c in creates] + [u.outbox for u in updates]:
+            for message in messages:
+                self._written.setdefault(message.id, len(self._written))
+        return await super().commit(creates, updates, owner=owner,
+                                    lease_seconds=lease_seconds)
+
+    async def claim_outbox(self, *, owner: str, lease_seconds: float, limit: int
+                           ) -> list[OutboxRecord]:
+        claimed = await super().claim_outbox(owner=owner, lease_seconds=lease_seconds,
+                                             limit=limit)
+        return sorted(claimed, key=lambda r: (r.created_at, self._written.get(r.id, -1)))
+
+
 # -- one run --------------------------------------------------------------------------------
 
 
@@ -269,8 +307,9 @@ class _Trace(Listener):
     """One harness run: its ledger, its crash schedule and its processes."""
 
     def __init__(self, harness: SagaHarness, schedule: Schedule, clock: VirtualClock,
-                 state: StateFn | None) -> None:
+                 state: StateFn | None, run_id: str) -> None:
         self.harness = harness
+        self.planned_id = run_id
         self.schedule = schedule
         self.fault = schedule.fault
         self.clock = clock
@@ -284,7 +323,7 @@ class _Trace(Listener):
         self.finished = asyncio.Event()
         self.generations: list[_Generation] = []
         self.spawning: set[asyncio.Task[Any]] = set()
-        self.store = MemoryStore(clock=clock)
+        self.store = OrderedMemoryStore(clock=clock)
         self.broker = MemoryBroker()
         self.saga = harness._instrument(self)
         self.harness_context = contextvars.copy_context()
@@ -336,7 +375,7 @@ class _Trace(Listener):
             _FencedStore(self.store, gen), sagas=[self.saga], listeners=[self, *h.listeners],
             clock=self.clock, lease_seconds=h.lease_seconds, poll_interval=h.poll_interval,
             worker_id=f"harness-process-{gen.number}", transport=transport,
-            **h.orchestrator_options,
+            run_ids=lambda: self.planned_id, **h.orchestrator_options,
         )
         gen.orchestrator = orch
         await self.in_generation(gen, orch.open())
@@ -558,6 +597,7 @@ class SagaHarness:
         self.orchestrator_options = dict(orchestrator_options or {})
         self.fakes: dict[str, Fake] = {}
         self.services: list[Callable[[MemoryTransport], Any]] = []
+        self._runs: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<SagaHarness {self.saga.name} fakes={sorted(self.fakes)}>"
@@ -602,10 +642,21 @@ class SagaHarness:
         """
         return run_virtual(self.arun(input, schedule or Schedule(), state=state))
 
-    async def arun(self, input: Any, schedule: Schedule, *, state: StateFn | None = None
-                   ) -> Outcome:
-        """:meth:`run` on the running loop, which must be a ``VirtualTimeLoop``."""
+    async def arun(self, input: Any, schedule: Schedule, *, state: StateFn | None = None,
+                   run_id: str | None = None) -> Outcome:
+        """:meth:`run` on the running loop, which must be a ``VirtualTimeLoop``.
+
+        ``run_id`` defaults to one derived from the saga, the input, the schedule and how
+        many times this harness ran them: two calls are two runs, and a fresh harness
+        replays the same ids.
+        """
         from sagaway.testing.invariants import violations
+
+        if run_id is None:
+            key = stable_id(self.saga.name, self.saga.version, input, repr(schedule))
+            seen = self._runs.get(key, 0)
+            self._runs[key] = seen + 1
+            run_id = stable_id(key, seen)
 
         self._check_reachable()
         loop = asyncio.get_running_loop()
@@ -614,17 +665,17 @@ class SagaHarness:
         for fake in self.fakes.values():
             fake.reset()
         try:
-            outcome = await self._execute(input, schedule, state)
+            outcome = await self._execute(input, schedule, state, run_id)
         finally:
             loop.set_task_factory(previous)
         outcome.violations = violations(self.saga, outcome)
         return outcome
 
-    async def _execute(self, input: Any, schedule: Schedule, state: StateFn | None
-                       ) -> Outcome:
+    async def _execute(self, input: Any, schedule: Schedule, state: StateFn | None,
+                       run_id: str) -> Outcome:
         clock = VirtualClock()
         started = clock.now()
-        trace = _Trace(self, schedule, clock, state)
+        trace = _Trace(self, schedule, clock, state, run_id)
         services = []
         for factory in self.services:
             participant = factory(MemoryTransport(trace.broker))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -31,8 +32,8 @@ from sagaway.messaging.base import Delivery, Subscription, Transport
 from sagaway.messaging.envelope import Envelope
 from sagaway.messaging.memory import MemoryBroker, MemoryTransport
 from sagaway.run import SagaRun, SagaStatus
-from sagaway.store.memory import MemoryStore
 from sagaway.testing.explorer import SafetyError
+from sagaway.testing.harness import OrderedMemoryStore, stable_id
 from sagaway.testing.virtual import VirtualClock, run_virtual
 
 if TYPE_CHECKING:
@@ -301,7 +302,9 @@ async def _simulate(saga: Saga, inputs: list[Any], services: list[Callable[[Tran
     for p in participants:
         await p.open()
     ends = _Ends()
-    orch = Orchestrator(MemoryStore(clock=clock), sagas=[saga], clock=clock,
+    new_ids = (stable_id(saga.name, saga.version, repr(plan), n) for n in itertools.count())
+    orch = Orchestrator(OrderedMemoryStore(clock=clock), sagas=[saga], clock=clock,
+                        run_ids=lambda: next(new_ids),
                         transport=ChaosTransport(broker, network), listeners=[ends],
                         lease_seconds=lease_seconds, poll_interval=1.0)
     violations: list[str] = []
