@@ -72,6 +72,8 @@ def test_a_command_step_runs_against_a_real_participant(tmp_path: Path) -> None:
     # The command went out for real: the ledger records it as sent (possibly applied).
     first = outcome.calls[0]
     assert (first.step, first.kind, first.outcome) == ("charge", "command", "sent")
+    # Its key is the one the message carried (read back from the outbox).
+    assert first.key == f"{outcome.run.id}:charge:action"
     assert bank.charged() == 7
     refused = harness.run({"amount": 7, "refuse": True})
     assert refused.status is SagaStatus.COMPENSATED

@@ -1,14 +1,16 @@
 """SagaHarness: run a saga on the memory store, in virtual time, with fakes and crashes.
 
-Each run gets a fresh :class:`~sagaway.store.memory.MemoryStore` and a fresh
+Each run gets a fresh memory store (:class:`OrderedMemoryStore`) on a
 :class:`~sagaway.testing.virtual.VirtualTimeLoop`, so backoffs, timeouts, lease expiry and
-long waits take no real time and the same :class:`Schedule` gives the same timeline.
+long waits take no real time, and a run id derived from the schedule, so the same
+:class:`Schedule` gives the same timeline.
 
 The saga runs as a copy of its definition: same name, version, steps, kinds, retry policies
 and timeouts, with every local function (and every faked step, whatever its kind) wrapped so
 the harness sees each invocation, can inject a failure and can crash the process right after
-the effect. Command and HTTP steps that are not faked go out for real (commands over a
-memory transport that participants can consume).
+the effect. Command steps that are not faked go out for real, over a memory transport that
+the participants registered with :meth:`SagaHarness.service` consume; HTTP steps must be
+faked (virtual time cannot wait on a real network).
 
 A **crash** kills one orchestrator "process" (a *generation*): its store connection and its
 calls to participants are cut at once, so nothing it does afterwards becomes durable or takes
@@ -37,7 +39,14 @@ from sagaway.engine.runtime import Orchestrator
 from sagaway.errors import DefinitionError, SagawayError
 from sagaway.messaging.memory import MemoryBroker, MemoryTransport
 from sagaway.run import SagaRun, SagaStatus
-from sagaway.store.base import BatchResult, NewRun, OutboxRecord, RunUpdate, Store
+from sagaway.store.base import (
+    BatchResult,
+    NewRun,
+    OutboxMessage,
+    OutboxRecord,
+    RunUpdate,
+    Store,
+)
 from sagaway.store.memory import MemoryStore
 from sagaway.testing.faults import Call, Failure, Fake, InjectedFailure
 from sagaway.testing.faults import Outcome as CallOutcome
@@ -46,6 +55,7 @@ from sagaway.testing.virtual import VirtualClock, run_virtual
 __all__ = ["HarnessError", "Outcome", "SagaHarness", "Schedule"]
 
 DEFAULT_MAX_VIRTUAL_SECONDS = 7 * 24 * 3600.0
+
 
 class HarnessError(SagawayError):
     """The harness cannot run this saga as configured (the message says what to change)."""
@@ -281,12 +291,16 @@ class OrderedMemoryStore(MemoryStore):
     def __init__(self, *, clock: Callable[[], float]) -> None:
         super().__init__(clock=clock)
         self._written: dict[str, int] = {}
+        self.messages: list[OutboxMessage] = []
+        """Every message written to the outbox, in order."""
 
     async def commit(self, creates: Sequence[NewRun], updates: Sequence[RunUpdate], *,
                      owner: str, lease_seconds: float) -> BatchResult:
         for messages in [c.outbox for c in creates] + [u.outbox for u in updates]:
             for message in messages:
-                self._written.setdefault(message.id, len(self._written))
+                if message.id not in self._written:
+                    self._written[message.id] = len(self._written)
+                    self.messages.append(message)
         return await super().commit(creates, updates, owner=owner,
                                     lease_seconds=lease_seconds)
 
@@ -351,8 +365,9 @@ class _Trace(Listener):
         if invocation.kind == "local" or gen is None or gen.dead:
             return None
         # A command (or HTTP request) to a real participant: it may take effect.
+        # Its key is read from the message itself once the run is over (see sent_keys).
         self.record(gen, invocation.run_id, invocation.step, invocation.compensating,
-                    invocation.attempt, invocation.kind, "sent", effect=True)
+                    invocation.attempt, invocation.kind, "sent", effect=True, key="")
         return None
 
     # -- processes ------------------------------------------------------------------------
@@ -397,8 +412,8 @@ class _Trace(Listener):
     # -- the ledger -------------------------------------------------------------------------
 
     def record(self, gen: _Generation, run_id: str, step: str, compensating: bool,
-               attempt: int, kind: Any, outcome: CallOutcome, *, effect: bool) -> Call:
-        key = f"{run_id}:{step}:{'compensation' if compensating else 'action'}"
+               attempt: int, kind: Any, outcome: CallOutcome, *, effect: bool, key: str
+               ) -> Call:
         call = Call(len(self.calls), self.clock.now(), gen.number, run_id, step, compensating,
                     attempt, key, kind, outcome, effect)
         self.calls.append(call)
@@ -408,6 +423,25 @@ class _Trace(Listener):
         self.calls[call.seq] = Call(call.seq, call.at, call.generation, call.run_id, call.step,
                                     call.compensating, call.attempt, call.key, call.kind,
                                     outcome, effect)
+
+    def fill_sent_keys(self) -> None:
+        """Give each command the harness saw go out the key its message really carried."""
+        sent: dict[tuple[str, str, str], str] = {}
+        for message in self.store.messages:
+            try:
+                doc = json.loads(message.body)
+                key = str(doc.get("idempotency_key") or "")
+                _, step, kind, attempt = str(doc["correlation_id"]).rsplit(":", 3)
+            except (ValueError, KeyError, TypeError):
+                continue  # not a command (a domain event)
+            sent[(step, kind, attempt)] = key
+        for call in list(self.calls):
+            if call.outcome == "sent":
+                kind = "compensation" if call.compensating else "action"
+                key = sent.get((call.step, kind, str(call.attempt)), "(no message written)")
+                self.calls[call.seq] = Call(call.seq, call.at, call.generation, call.run_id,
+                                            call.step, call.compensating, call.attempt, key,
+                                            call.kind, call.outcome, call.effect)
 
     async def effect_applied(self, gen: _Generation, call: Call) -> None:
         """An effect just applied: crash here if the schedule says so."""
@@ -475,19 +509,19 @@ class _Invoker:
             behaviour = self.fake.behaviour(ctx.idempotency_key, compensating=self.compensating)
         if behaviour == "fail":
             trace.record(gen, ctx.run_id, self.step.name, self.compensating, ctx.attempt, kind,
-                         "failed", effect=False)
+                         "failed", effect=False, key=ctx.idempotency_key)
             raise InjectedFailure(self.fake.error() if self.fake else
                                   f"{self.step.name} failed (injected)")
         if behaviour == "timeout":
             trace.record(gen, ctx.run_id, self.step.name, self.compensating, ctx.attempt, kind,
-                         "timed_out", effect=False)
+                         "timed_out", effect=False, key=ctx.idempotency_key)
             timeout = self._timeout()
             if timeout is None:
                 raise TimeoutError(f"{self.step.name}: no answer (injected)")
             await asyncio.sleep(timeout * 2 + 1)
             raise TimeoutError(f"{self.step.name}: no answer (injected)")
         call = trace.record(gen, ctx.run_id, self.step.name, self.compensating, ctx.attempt,
-                            kind, "ok", effect=True)
+                            kind, "ok", effect=True, key=ctx.idempotency_key)
         try:
             result = await self._apply(ctx, data, *rest)
         except asyncio.CancelledError:
@@ -704,6 +738,7 @@ class SagaHarness:
                 task.cancel()
             for participant in services:
                 await participant.aclose()
+        trace.fill_sent_keys()
         fakes: dict[str, str] = {}
         if run is not None:
             fakes = {name: fake.state(run.id) for name, fake in self.fakes.items()}
