@@ -609,14 +609,15 @@ class SagaHarness:
         saga: the definition (it is copied, never modified).
         lease_seconds: the orchestrators' lease, in virtual seconds: how long after a crash
             the next process takes the run over.
-        poll_interval: how often (virtual seconds) workers look for runs to recover.
+        poll_interval: how often (virtual seconds) workers look for runs to recover: a
+            crashed process's run is taken over within lease_seconds + poll_interval.
         max_virtual_seconds: a run that has not ended after this long counts as stuck.
         listeners: more listeners for the orchestrators (your metrics, your assertions).
         orchestrator_options: more keyword arguments for every ``Orchestrator`` the harness
-            builds (what steps that are not faked need, e.g. HTTP base URLs).
+            builds (e.g. ``reply_to`` or ``max_payload_bytes``).
     """
 
-    def __init__(self, saga: Saga, *, lease_seconds: float = 10.0, poll_interval: float = 1.0,
+    def __init__(self, saga: Saga, *, lease_seconds: float = 10.0, poll_interval: float = 5.0,
                  max_virtual_seconds: float = DEFAULT_MAX_VIRTUAL_SECONDS,
                  listeners: Iterable[Listener] = (),
                  orchestrator_options: Mapping[str, Any] | None = None) -> None:
