@@ -117,13 +117,19 @@ def test_failure_modes_and_compensation_failures_as_failure_points() -> None:
         correct_saga(shop), {"amount": 25},
         failures=[Failure("charge", mode="times_out"),
                   Failure("charge", mode="fails_after_effect"),
-                  Failure("reserve", compensation=True)],
-        fakes=["ship", "email"], reset=shop.reset)
+                  ("ship", Failure("reserve", compensation=True))],
+        fakes=["ship", "email"], reset=shop.reset, check=consistent(shop))
     assert_safe(report)
     labels = [p.label for p in report.points]
-    assert labels == ["charge times_out", "charge fails_after_effect", "reserve compensation"]
-    # A refund that is never made to fail... reserve's compensation fails: FAILED only.
-    assert set(report.points[2].statuses) <= {"FAILED", "COMPLETED"}
+    assert labels == ["charge times_out", "charge fails_after_effect",
+                      "ship + reserve compensation"]
+    # The pivot fails, the refund runs, the release keeps failing: FAILED, for an operator,
+    # at every crash point (never COMPENSATED with the reservation left, never stuck).
+    both = report.points[2]
+    assert both.statuses == {"FAILED": both.runs}, both
+    outcome = report.replay(Schedule(failure=("ship", Failure("reserve", compensation=True))))
+    assert outcome.run is not None and "reserve" in (outcome.run.error or "")
+    assert [c.step for c in outcome.calls if c.compensating][:1] == ["charge"]
 
 
 def test_unknown_failure_point_is_a_clear_error() -> None:
@@ -171,3 +177,9 @@ def test_schedule_repr_is_code() -> None:
     assert repr(t) == ("Schedule(failure=Failure('charge', mode='times_out'), "
                        "crash_after_effect=2)")
     assert eval(repr(t)) == t
+    both = Schedule(failure=("ship", Failure("reserve", compensation=True)), crash_after=3)
+    assert repr(both) == ("Schedule(failure=('ship', Failure('reserve', compensation=True)), "
+                          "crash_after=3)")
+    assert eval(repr(both)) == both
+    assert Schedule(failure=("ship",)) == Schedule(failure="ship")
+    assert Schedule(failure=()) == Schedule()

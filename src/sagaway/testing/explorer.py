@@ -152,19 +152,28 @@ def assert_safe(report: SafetyReport) -> None:
         raise SafetyError("\n" + str(report))
 
 
-def _failure_points(saga: Saga, failures: Iterable[str | Failure] | None
-                    ) -> list[Failure | None]:
+FailurePoint = str | Failure | tuple[str | Failure, ...]
+
+
+def _failure_points(saga: Saga, failures: Iterable[FailurePoint] | None
+                    ) -> list[tuple[Failure, ...]]:
     if failures is None:
-        return [None, *(Failure(s.name, mode) for s in saga.steps for mode in MODES)]
+        return [(), *((Failure(s.name, mode),) for s in saga.steps for mode in MODES)]
     names = {s.name for s in saga.steps}
-    points: list[Failure | None] = []
+    points: list[tuple[Failure, ...]] = []
     for f in failures:
-        fault = Failure(f) if isinstance(f, str) else f
-        if not isinstance(fault, Failure) or fault.step not in names:
-            raise ValueError(f"failure point {f!r}: saga {saga.name!r} has no such step "
-                             f"(steps: {', '.join(s.name for s in saga.steps)})")
-        points.append(fault)
+        parts = f if isinstance(f, tuple | list) else (f,)
+        point = tuple(Failure(x) if isinstance(x, str) else x for x in parts)
+        for fault in point:
+            if not isinstance(fault, Failure) or fault.step not in names:
+                raise ValueError(f"failure point {f!r}: saga {saga.name!r} has no such step "
+                                 f"(steps: {', '.join(s.name for s in saga.steps)})")
+        points.append(point)
     return points
+
+
+def _label(point: tuple[Failure, ...]) -> str:
+    return " + ".join(f.label() for f in point) if point else "none"
 
 
 class _Session:
@@ -226,7 +235,7 @@ def explore_crashes(
     saga: Saga | SagaHarness,
     input: Any = None,
     *,
-    failures: Iterable[str | Failure] | None = None,
+    failures: Iterable[FailurePoint] | None = None,
     fakes: Iterable[str] | str | None = None,
     check: CheckFn | None = None,
     reset: Callable[[], Any] | None = None,
@@ -239,8 +248,10 @@ def explore_crashes(
         saga: the definition, or a :class:`SagaHarness` with its fakes already scripted.
         input: the run's input.
         failures: the failure points: step names (the step fails every attempt; after the
-            pivot, its first two) or :class:`Failure` s. Default: no failure, then each step
-            in each mode — fails, times out (nothing applied), applies but its reply is lost.
+            pivot, its first two), :class:`Failure` s, or tuples of them injected together
+            (``("ship", Failure("charge", compensation=True))``: a compensation only runs
+            once something fails). Default: no failure, then each step in each mode — fails,
+            times out (nothing applied), applies but its reply is lost.
         fakes: steps to replace by fakes, or ``"all"`` (then the explorer checks the
             definition alone; with real functions it checks your code too).
         check: called with each ended run's :class:`Outcome`; raise ``AssertionError`` when
@@ -259,7 +270,7 @@ def explore_crashes(
         summaries = []
         for fault in points:
             clean = await session.run(Schedule(failure=fault))
-            point = PointSummary(fault.label() if fault else "none", clean.transitions,
+            point = PointSummary(_label(fault), clean.transitions,
                                  clean.effects, runs=1,
                                  violations=1 if clean.violations else 0,
                                  operator=1 if pivot_unknown(clean) else 0,
@@ -284,7 +295,7 @@ def double_invoke(
     input: Any = None,
     *,
     state: StateFn | None = None,
-    failures: Iterable[str | Failure] | None = None,
+    failures: Iterable[FailurePoint] | None = None,
     reset: Callable[[], Any] | None = None,
     check: CheckFn | None = None,
 ) -> SafetyReport:
@@ -304,7 +315,7 @@ def double_invoke(
     async def explore() -> list[PointSummary]:
         summaries = []
         for fault in points:
-            point = PointSummary(fault.label() if fault else "none", 0, 0)
+            point = PointSummary(_label(fault), 0, 0)
             outcome = await session.run(Schedule(failure=fault, double_invoke=True), point)
             point.transitions, point.effects = outcome.transitions, outcome.effects
             summaries.append(point)

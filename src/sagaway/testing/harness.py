@@ -70,35 +70,52 @@ class Schedule:
     """Everything that makes one harness run what it is: replay it to see it again.
 
     Attributes:
-        failure: the step that fails (a name, or a :class:`Failure` saying how); ``None``:
-            no injected failure (fakes still do what they were scripted to).
+        failure: the step that fails (a name, or a :class:`Failure` saying how), or several
+            at once as a tuple (``("ship", Failure("charge", compensation=True))``: the pivot
+            fails, then the refund too); ``None``: no injected failure (fakes still do what
+            they were scripted to).
         crash_after: crash right after the run's n-th durable transition is committed.
         crash_after_effect: crash right after the n-th effect (an action or compensation that
             applied) and before its result is committed.
         double_invoke: invoke every action and compensation twice.
     """
 
-    failure: Failure | str | None = None
+    failure: Failure | str | tuple[Failure | str, ...] | None = None
     crash_after: int | None = None
     crash_after_effect: int | None = None
     double_invoke: bool = False
 
     def __post_init__(self) -> None:
-        # A step name is the default failure of that step: one value, one schedule.
-        if isinstance(self.failure, str):
-            object.__setattr__(self, "failure", Failure(self.failure))
+        # One value per meaning: a step name is that step's default Failure, and a tuple of
+        # one is its element.
+        failure = self.failure
+        if isinstance(failure, tuple | list):
+            parts = tuple(Failure(f) if isinstance(f, str) else f for f in failure)
+            failure = parts[0] if len(parts) == 1 else (parts or None)
+        elif isinstance(failure, str):
+            failure = Failure(failure)
+        object.__setattr__(self, "failure", failure)
 
     @property
-    def fault(self) -> Failure | None:
-        return Failure(self.failure) if isinstance(self.failure, str) else self.failure
+    def faults(self) -> tuple[Failure, ...]:
+        """The injected failures (none, one, or several)."""
+        f = self.failure
+        if f is None:
+            return ()
+        if isinstance(f, tuple):
+            return tuple(Failure(x) if isinstance(x, str) else x for x in f)
+        return (Failure(f) if isinstance(f, str) else f,)
 
     def __repr__(self) -> str:
+        def one(f: Failure) -> str:
+            return repr(f.step) if repr(f) == f"Failure({f.step!r})" else repr(f)
+
         parts = []
-        if self.failure is not None:
-            f = self.fault
-            assert f is not None
-            parts.append(f"failure={f.step!r}" if repr(f) == f"Failure({f.step!r})"
-                         else f"failure={f!r}")
+        faults = self.faults
+        if len(faults) == 1:
+            parts.append(f"failure={one(faults[0])}")
+        elif faults:
+            parts.append(f"failure=({', '.join(one(f) for f in faults)})")
         if self.crash_after is not None:
             parts.append(f"crash_after={self.crash_after}")
         if self.crash_after_effect is not None:
@@ -325,7 +342,7 @@ class _Trace(Listener):
         self.harness = harness
         self.planned_id = run_id
         self.schedule = schedule
-        self.fault = schedule.fault
+        self.faults = schedule.faults
         self.clock = clock
         self.state = state
         self.calls: list[Call] = []
@@ -544,9 +561,9 @@ class _Invoker:
         return result
 
     def _injected(self, ctx: StepContext) -> Any:
-        fault = self.trace.fault
-        if fault is None or fault.step != self.step.name or fault.compensation != \
-                self.compensating:
+        fault = next((f for f in self.trace.faults if f.step == self.step.name
+                      and f.compensation == self.compensating), None)
+        if fault is None:
             return None
         # After the pivot a step is retried until it succeeds: fail it twice, not forever.
         if self.step.kind.value == "retriable" and not self.compensating and ctx.attempt > 2:

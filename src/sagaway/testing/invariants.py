@@ -26,7 +26,7 @@ __all__ = ["pivot_unknown", "violations"]
 def violations(saga: Saga, outcome: Outcome) -> list[str]:
     """What is wrong with one run, in words (empty: every invariant held)."""
     found: list[str] = []
-    fault = outcome.schedule.fault
+    faults = outcome.schedule.faults
     status = outcome.status
     if outcome.run is None:
         return ["the run never started"]
@@ -36,7 +36,7 @@ def violations(saga: Saga, outcome: Outcome) -> list[str]:
         return found
     # FAILED is right when a compensation was made to fail, or when the pivot's outcome is
     # unknown (after the point of no return sagaway does not guess; an operator decides).
-    made_to_fail = fault is not None and fault.compensation
+    made_to_fail = any(f.compensation for f in faults)
     if status is SagaStatus.FAILED and not made_to_fail and not pivot_unknown(outcome):
         found.append(f"the run ended FAILED although no compensation was made to fail: "
                      f"{outcome.run.error}")
