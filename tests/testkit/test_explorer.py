@@ -183,3 +183,39 @@ def test_schedule_repr_is_code() -> None:
     assert eval(repr(both)) == both
     assert Schedule(failure=("ship",)) == Schedule(failure="ship")
     assert Schedule(failure=()) == Schedule()
+
+
+def shaped(shape: str) -> Saga:
+    """A saga from a shape like "c,cc,p,r": stages by commas; c compensatable, o read-only,
+    p pivot, r retriable (after the pivot)."""
+    saga = Saga("shape-" + shape.replace(",", "."))
+    n = 0
+    for stage in shape.split(","):
+        steps = []
+        for kind in stage:
+            n += 1
+
+            def act(ctx: StepContext, data: Any) -> None: ...
+
+            step = saga.step(name=f"s{n}{kind}", timeout=5, pivot=kind == "p",
+                             retriable=kind == "r", read_only=kind == "o")(act)
+            if kind == "c":
+                step.compensation(lambda ctx, data, result: None)
+            steps.append(step)
+        if len(steps) > 1:
+            saga.parallel(*steps)
+    return saga
+
+
+@pytest.mark.parametrize("shape", ["c,cc,p,r", "o,co,p", "ccc,c,p,rr"])
+def test_the_engine_keeps_its_promises_for_saga_shapes(shape: str) -> None:
+    saga = shaped(shape)
+    report = explore_crashes(saga, {}, fakes="all")
+    assert_safe(report)
+    # And with each compensation failing after the pivot failed: FAILED, for an operator.
+    pivot = next(s.name for s in saga.steps if s.pivot)
+    points = [(pivot, Failure(s.name, compensation=True))
+              for s in saga.steps if s.compensation_fn is not None]
+    failing = explore_crashes(saga, {}, fakes="all", failures=points)
+    assert_safe(failing)
+    assert all(set(p.statuses) == {"FAILED"} for p in failing.points), str(failing)
