@@ -63,9 +63,11 @@ def test_it_catches_a_refund_that_trusts_result_none() -> None:
         assert_safe(report)
     # Replaying the schedule shows the same violation again, on the same timeline (to the
     # retry jitter, which derives from the run id: the replay gets the same one).
+    before = len(report.violations)
     replayed = report.replay(found.schedule)
     assert replayed.violations == list(found.problems)
     assert replayed.timeline() == list(found.timeline)
+    assert len(report.violations) == before  # a replay leaves the report as it was
     assert [c.outcome for c in replayed.calls if c.step == "charge"] == [
         "effect_lost", "effect_lost", "effect_lost", "ok"]
 

@@ -188,7 +188,8 @@ class _Session:
         self.state = state
         self.violations: list[Violation] = []
 
-    async def run(self, schedule: Schedule, point: PointSummary | None = None) -> Outcome:
+    async def run(self, schedule: Schedule, point: PointSummary | None = None, *,
+                  record: bool = True) -> Outcome:
         if self.reset is not None:
             self.reset()
         # One id per schedule, the same when replayed: an identical timeline.
@@ -212,13 +213,14 @@ class _Session:
                 point.operator += 1
             if outcome.violations:
                 point.violations += 1
-        if outcome.violations:
+        if outcome.violations and record:
             self.violations.append(Violation(schedule, tuple(outcome.violations),
                                              tuple(outcome.timeline()), tuple(outcome.calls)))
         return outcome
 
     def replay(self, schedule: Schedule) -> Outcome:
-        return run_virtual(self.run(schedule))
+        # A replay leaves the report as it was.
+        return run_virtual(self.run(schedule, record=False))
 
 
 def _harness(saga: Saga | SagaHarness, fakes: Iterable[str] | str | None) -> SagaHarness:
