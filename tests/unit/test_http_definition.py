@@ -50,7 +50,8 @@ def test_a_read_only_http_step_needs_no_compensation() -> None:
 
 
 def test_a_compensatable_http_step_without_compensation_is_an_error() -> None:
-    with pytest.raises(DefinitionError, match="must be undoable"):
+    with pytest.raises(DefinitionError,
+                       match=r"must be undoable: pass compensation=\(method, url\)"):
         declare().validate()
 
 

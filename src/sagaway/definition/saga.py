@@ -552,9 +552,11 @@ class Saga:
                     s.kind = StepKind.COMPENSATABLE
                     if s.compensation_fn is None and not s.read_only:
                         fn_name = getattr(s.action, "__name__", s.name)
+                        fix = ("pass compensation=(method, url)" if s.http
+                               else f"add @{fn_name}.compensation")
                         raise DefinitionError(
                             f"step {s.name!r} of saga {self.name!r} runs before the pivot, so it "
-                            f"must be undoable: add @{fn_name}.compensation, or mark it "
+                            f"must be undoable: {fix}, or mark it "
                             f"read_only=True if it changes nothing, or retriable=True/pivot=True"
                         )
             if any(s.pivot or s.kind is StepKind.RETRIABLE for s in stage):

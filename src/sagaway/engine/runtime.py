@@ -276,6 +276,7 @@ class Orchestrator:
                 f"saga {saga.name!r} version {saga.version} is registered twice; bump the "
                 f"version of the newer definition"
             )
+        # (register also runs inside __init__, before _open exists; open() checks those.)
         if getattr(self, "_open", False) and self.worker:
             self._open_http([saga])
         self._definitions[key] = saga
@@ -382,7 +383,7 @@ class Orchestrator:
 
     def _open_http(self, sagas: Iterable[Saga]) -> None:
         """Resolve the base URLs HTTP steps need (DefinitionError if one is missing) and
-        open the shared HTTP client on first need."""
+        open the HTTP invoker (its connection pools) on first need."""
         if not any(s.http or isinstance(s.compensation_fn, HttpCall)
                    for saga in sagas for s in saga.steps):
             return
@@ -1058,9 +1059,9 @@ class Orchestrator:
         ctx = self._context(d, step.name, cmd.attempt, compensating=True,
                             http=isinstance(fn, HttpCall))
         state = d.state.steps.get(step.name)
-        known = state is not None and state.succeeded
         # The action's result if an attempt succeeded; None if it timed out or was cut.
-        result = state.result if state is not None and state.succeeded else None
+        known = state is not None and state.succeeded
+        result = state.result if state is not None and known else None
         event: Event
         try:
             if isinstance(fn, HttpCall):
