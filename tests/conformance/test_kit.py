@@ -38,7 +38,13 @@ def test_fake_clock() -> None:
 
 def test_the_package_exports_the_suite_lazily() -> None:
     assert sagaway.testing.StoreConformance is StoreConformance
-    assert sorted(sagaway.testing.__all__) == ["FakeClock", "StoreConformance"]
+    assert sorted(sagaway.testing.__all__) == [
+        "Call", "Failure", "Fake", "FakeClock", "Finding", "HarnessError", "InjectedFailure",
+        "Outcome",
+        "SafetyError", "SafetyReport", "SagaHarness", "Schedule", "Severity",
+        "StoreConformance", "Violation", "VirtualClock", "VirtualTimeLoop", "assert_safe",
+        "check", "double_invoke", "explore_crashes", "run_virtual",
+    ]
     with pytest.raises(AttributeError):
         _ = sagaway.testing.NoSuchThing  # type: ignore[attr-defined]
     code = (

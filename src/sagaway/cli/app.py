@@ -514,6 +514,23 @@ def rotate_keys(
         err.print(f"run {run_id}: {why}", soft_wrap=True)
     if report.unreadable:
         _fail(f"{len(report.unreadable)} run(s) could not be re-encrypted (see above)")
+@app.command("check")
+def check_cmd(
+    spec: Annotated[str, typer.Argument(metavar="MODULE:SAGA",
+                                        help="The saga to check, e.g. shop.sagas:order (or an "
+                                             "Orchestrator, or a list of sagas).")],
+) -> None:
+    """Check saga definitions for risky shapes, each with its fix; exit 1 on errors (CI)."""
+    from sagaway.cli.check import load_sagas, report
+
+    try:
+        sagas = load_sagas(spec)
+    except (ImportError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="MODULE:SAGA") from exc
+    errors = report(sagas, out)
+    if errors:
+        err.print(f"{errors} error(s)")
+        raise typer.Exit(1)
 
 
 def main() -> None:

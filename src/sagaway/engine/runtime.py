@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +170,8 @@ class Orchestrator(Recovery):
             requests than this wait for a free connection within their timeout. httpx's
             pool checks every idle connection on every request, so a large pool costs
             CPU (see the README's figures); raise it for slow services.
+        run_ids: makes the id of each run started here (default: a UUIDv7); the testing
+            kit passes a deterministic one, so a schedule replays identically.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class Orchestrator(Recovery):
         signer: EnvelopeSigner | bool | None = None,
         services: Mapping[str, str] | None = None,
         http_connections: int = 16,
+        run_ids: Callable[[], str] | None = None,
     ) -> None:
         if retention_days is not None and not retention_days >= 0:
             raise ValueError("retention_days must be a number of days >= 0")
@@ -250,6 +253,7 @@ class Orchestrator(Recovery):
             if signer:
                 transport.signer = signer
         self.reply_to = reply_to
+        self._new_run_id = run_ids or new_run_id
         self._relay: OutboxRelay | None = None
         self._replies: Subscription | None = None
         self.services = dict(services or {})
@@ -454,7 +458,7 @@ class Orchestrator(Recovery):
                     f"of {self._limiter.rate(definition.name):g}/s; retry in {wait:.3f}s",
                     saga=definition.name, retry_after=wait,
                 )
-        run_id = new_run_id()
+        run_id = self._new_run_id()
         now = self.clock.now()
         if not self.worker:
             return await self._submit(committer, definition, run_id, now, plain, text, key)

@@ -6,6 +6,21 @@
   suite. Every backend, the in-memory one included, passes it; a third-party backend
   subclasses it in one of its own test modules and provides a ``store`` fixture.
 
+For saga authors (see ``docs/testing.md``):
+
+* :class:`SagaHarness` — run a saga on the memory store in virtual time, with
+  :class:`Fake` participants (``harness.fake("charge").fails(times=2)``) and crashes.
+* :func:`explore_crashes` — crash the saga at every durable transition and after every
+  effect, for each failure point, and check the invariants; :func:`assert_safe` fails a
+  test with the report.
+* :func:`double_invoke` — invoke every action and compensation twice: names the steps
+  whose participants are not idempotent.
+* :func:`check` — the definition checks behind ``sagaway check module:saga``.
+* ``sagaway.testing.simulation`` — seeded chaos (drop, duplicate, delay, reorder) for
+  message-driven sagas, with a Hypothesis strategy.
+* ``sagaway.testing.pytest_plugin`` — fixtures ``saga_harness``, ``crash_explorer``,
+  ``double_invoker`` (a pytest11 entry point).
+
 ``import sagaway.testing`` needs nothing beyond sagaway itself. The conformance suite is a
 set of pytest tests, so ``StoreConformance`` (imported lazily, on first use) needs pytest
 and pytest-asyncio. Nothing in sagaway imports this package: it is for tests only.
@@ -15,10 +30,46 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sagaway.definition.checks import Finding, Severity, check
+from sagaway.testing.explorer import (
+    SafetyError,
+    SafetyReport,
+    Violation,
+    assert_safe,
+    double_invoke,
+    explore_crashes,
+)
+from sagaway.testing.faults import Call, Failure, Fake, InjectedFailure
+from sagaway.testing.harness import HarnessError, Outcome, SagaHarness, Schedule
+from sagaway.testing.virtual import VirtualClock, VirtualTimeLoop, run_virtual
+
 if TYPE_CHECKING:
     from sagaway.testing.conformance import StoreConformance
 
-__all__ = ["FakeClock", "StoreConformance"]
+__all__ = [
+    "Call",
+    "Failure",
+    "Fake",
+    "FakeClock",
+    "Finding",
+    "HarnessError",
+    "InjectedFailure",
+    "Outcome",
+    "SafetyError",
+    "SafetyReport",
+    "SagaHarness",
+    "Schedule",
+    "Severity",
+    "StoreConformance",
+    "Violation",
+    "VirtualClock",
+    "VirtualTimeLoop",
+    "assert_safe",
+    "check",
+    "double_invoke",
+    "explore_crashes",
+    "run_virtual",
+]
 
 
 class FakeClock:
