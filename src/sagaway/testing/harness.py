@@ -288,6 +288,26 @@ class _FencedStore(Store):
         await self._gate()
         return await self._inner.count_runs(*args, **kwargs)
 
+    async def find_run(self, *args: Any, **kwargs: Any) -> Any:
+        await self._gate()
+        return await self._inner.find_run(*args, **kwargs)
+
+    async def open_counts(self, *args: Any, **kwargs: Any) -> Any:
+        await self._gate()
+        return await self._inner.open_counts(*args, **kwargs)
+
+    async def load_payloads(self, *args: Any, **kwargs: Any) -> Any:
+        await self._gate()
+        return await self._inner.load_payloads(*args, **kwargs)
+
+    async def rewrite_payloads(self, *args: Any, **kwargs: Any) -> Any:
+        await self._gate()
+        return await self._inner.rewrite_payloads(*args, **kwargs)
+
+    async def payload_run_ids(self, *args: Any, **kwargs: Any) -> Any:
+        await self._gate()
+        return await self._inner.payload_run_ids(*args, **kwargs)
+
 
 def stable_id(*parts: Any) -> str:
     """A run id that is a function of ``parts``: the same schedule gets the same id, so its
