@@ -338,3 +338,35 @@ async def test_duplicate_tasks_and_an_orchestrator_restart(amqp_url: str, names:
     FIGURES.append(f"every Celery task published twice, orchestrator replaced mid-flight: "
                    f"{n} runs ({len(active)} in flight at the handover), 0 lost, "
                    f"0 double-applied, {ignored} duplicate replies ignored")
+
+
+async def test_celery_steps_with_the_payload_codec_on(amqp_url: str, names: Names,
+                                                     tmp_path: Path,
+                                                     workers: list[Worker]) -> None:
+    """With the codec, the outbox seals every payload, Celery calls included: the
+    CeleryTransport opens them to send task messages, the runs complete and compensate as
+    without it, and the saga log holds no plaintext input."""
+    from sagaway.protection import AesGcmCodec, generate_key
+
+    codec = AesGcmCodec({"k1": generate_key()})
+    canary = "canary-7c1e5b"
+    w = new_worker(workers, broker=amqp_url, names=names, tmp_path=tmp_path, name="w1")
+    await asyncio.to_thread(w.start)
+    async with Orchestrator(f"sqlite:///{tmp_path / 'sagas.db'}",
+                            sagas=[step_saga(names.queue)], codec=codec,
+                            transport=CeleryTransport(amqp_url, codec=codec),
+                            reply_to=names.replies, poll_interval=0.2) as orch:
+        ok = await orch.start("celery_order", {"id": canary})
+        failing = await orch.start("celery_order", {"id": f"{canary}-f", "fail": "ship"})
+        done, undone = await ok.wait(timeout=60), await failing.wait(timeout=60)
+    assert done.status is SagaStatus.COMPLETED, done.error
+    assert done.results["ship"]["shipment"] == f"s-{canary}"
+    assert undone.status is SagaStatus.COMPENSATED, undone.error
+    ledger = effects(tmp_path / "shop.db")
+    assert ledger[(f"{undone.id}:pay:compensation", "refund")] == 1
+    assert canary.encode() not in stored_bytes(tmp_path)
+
+
+def stored_bytes(directory: Path) -> bytes:
+    """The saga log's SQLite file and its WAL, as bytes."""
+    return b"".join(p.read_bytes() for p in directory.glob("sagas.db*"))

@@ -5,16 +5,20 @@ and everything else through the transport it wraps."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagaway.engine.relay import REPLY_TYPE
 from sagaway.errors import MalformedEnvelope, TransportError
 from sagaway.integrations.celery._wire import _MARKER, META_KWARG
 from sagaway.messaging import Envelope, Transport, open_transport
 from sagaway.messaging.base import Handler, Subscription, redact_url, scrub
+
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
 
 
 def celery_task_message(envelope: Envelope, *, origin: str | None = None
@@ -100,11 +104,21 @@ class CeleryTransport(Transport):
         transport: sagaway's transport for everything that is not a Celery task.
         broker_url: Celery's broker (default: ``transport``'s URL); must be AMQP.
         publish_timeout: seconds to wait for a publisher confirm.
+        codec: the orchestrator's payload codec (``sagaway.protection``), so the calls of
+            Celery steps, sealed in the outbox like every payload, can be opened and sent
+            as task messages (Celery carries task arguments in its own format, unsealed).
+            None reads ``SAGAWAY_KEYS`` as the orchestrator does; False: no codec.
     """
 
     def __init__(self, transport: Transport | str, *, broker_url: str | None = None,
-                 publish_timeout: float = 10.0, connect_timeout: float = 10.0) -> None:
+                 publish_timeout: float = 10.0, connect_timeout: float = 10.0,
+                 codec: PayloadCodec | bool | None = None) -> None:
         super().__init__()
+        if codec is None or codec is True:
+            from sagaway.protection.codec import codec_from_env
+
+            codec = codec_from_env()
+        self.codec: PayloadCodec | None = codec or None
         self.inner = open_transport(transport) if isinstance(transport, str) else transport
         self.url = self.inner.url
         self.broker_url = broker_url or self.inner.url
@@ -159,6 +173,7 @@ class CeleryTransport(Transport):
             envelope = None
         message = None
         if envelope is not None:
+            envelope = self._opened(envelope)
             message = celery_task_message(envelope, origin=self._origin)
         if envelope is None or message is None:
             if envelope is not None and _is_unbuildable(envelope) and envelope.reply_to:
@@ -197,6 +212,15 @@ class CeleryTransport(Transport):
             raise self._fail(f"publishing task {envelope.type!r} to {destination!r}",
                              exc) from None
         self.published_tasks += 1
+
+    def _opened(self, envelope: Envelope) -> Envelope:
+        """The envelope with its payload opened when it is sealed and this transport holds
+        the codec (only to read a Celery call: other messages are sent as they were)."""
+        payload = envelope.payload
+        if self.codec is None or not self.codec.is_sealed(payload):
+            return envelope
+        opened = self.codec.open(payload, aad=f"msg:{envelope.id}")
+        return dataclasses.replace(envelope, payload=opened)
 
     async def _subscribe(self, source: str, handler: Handler, *, prefetch: int,
                          max_deliveries: int, dead_letter: str) -> Subscription:
