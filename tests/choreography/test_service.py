@@ -229,3 +229,32 @@ async def test_a_failing_handler_is_retried_with_backoff_then_succeeds(
     with pytest.raises(ValueError, match="must be >= 0"):
         ChoreographedService("alpha", transport, f"sqlite:///{tmp_path}/x.db", flow=FLOW,
                              retry_backoff=-1)
+
+
+async def test_with_a_codec_events_travel_sealed_and_handlers_see_them_open(
+        transport: MemoryTransport, tmp_path: Path) -> None:
+    from sagaway.protection import AesGcmCodec, generate_key
+
+    codec = AesGcmCodec({"k1": generate_key()})
+    canary = "4242-canary-card"
+    seen: list[Any] = []
+    sink = Sink(transport)
+    await sink.watch(FLOW.destination("beta"), FLOW.tracker_destination)
+
+    def handle(e: Any) -> Any:
+        seen.append(e.payload)
+        return {"card": canary, "step": "a"}
+
+    svc = await alpha_with(transport, tmp_path, handle, codec=codec)
+    try:
+        await emit_event(transport, FLOW, "Go", {"card": canary}, codec=codec)
+        (go, a) = await sink.wait(FLOW.tracker_destination, 2)
+        (to_beta,) = await sink.wait(FLOW.destination("beta"), 1)
+    finally:
+        await svc.aclose()
+    assert seen == [{"card": canary}]  # the handler got the opened payload
+    for delivery in (go, a, to_beta):
+        env = delivery.envelope
+        assert codec.is_sealed(env.payload) and canary not in env.to_bytes().decode()
+    assert codec.open(a.envelope.payload, aad=f"msg:{a.envelope.id}") == {
+        "card": canary, "step": "a"}

@@ -182,3 +182,18 @@ async def test_run_durations_of_choreographed_runs_reach_the_metrics(tmp_path: P
     count = metrics.registry.get_sample_value(
         "sagaway_run_duration_seconds_count", {"saga": FLOW.name, "status": "COMPLETED"})
     assert count == 1
+
+
+async def test_the_tracker_opens_sealed_events_with_its_codec(tmp_path: Path) -> None:
+    from sagaway.protection import AesGcmCodec, generate_key
+
+    codec = AesGcmCodec({"k1": generate_key()})
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with MemoryTransport() as transport, Tracker(url, transport, [FLOW], codec=codec):
+        run_id = None
+        for event in PATH:
+            run_id = await emit_event(transport, FLOW, event, {"e": event}, run_id=run_id,
+                                      codec=codec)
+        assert run_id is not None
+        run = await wait_status(url, run_id, SagaStatus.COMPLETED)
+    assert run.input == {"e": "OrderCreated"}  # projected open, not as the sealed token

@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
@@ -66,6 +66,10 @@ from sagaway.messaging.base import (
 from sagaway.messaging.envelope import Envelope
 from sagaway.participant.base import Database
 from sagaway.participant.core import CommandRejected, Participant, _describe, _is_async
+
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
+    from sagaway.protection.signing import EnvelopeSigner
 
 __all__ = ["FLOW_HEADER", "SERVICE_HEADER", "ChoreographedService", "Emit", "emit_event"]
 
@@ -92,7 +96,12 @@ class Emit:
 
 def _event_envelope(flow: Choreography, *, event: str, payload: Any, run_id: str,
                     event_id: str, at: float, service: str | None,
-                    headers: Mapping[str, str] | None, cause: str | None) -> Envelope:
+                    headers: Mapping[str, str] | None, cause: str | None,
+                    codec: PayloadCodec | None = None) -> Envelope:
+    if codec is not None:
+        # Sealed for this message id, as the orchestrator's outbox seals commands: the
+        # consuming services and the tracker open it with the same codec.
+        payload = codec.seal(payload, aad=f"msg:{event_id}")
     producer = flow.producer(event)
     step = producer[0].name if producer and producer[0] else None
     hdrs = dict(headers or {})
@@ -112,9 +121,10 @@ async def emit_event(
     run_id: str | None = None,
     event_id: str | None = None,
     headers: Mapping[str, str] | None = None,
+    codec: PayloadCodec | None = None,
 ) -> str:
     """Publish an event of ``flow`` straight to every queue that consumes it; return the
-    run id (a new one when ``run_id`` is None).
+    run id (a new one when ``run_id`` is None). With ``codec``, the payload is sealed.
 
     No outbox: use it to start a saga from a process without a database, in tests, or to
     replay an event by hand (the same ``event_id`` is dropped as a duplicate). A service
@@ -132,7 +142,7 @@ async def emit_event(
     run_id = run_id or new_run_id()
     env = _event_envelope(flow, event=event, payload=payload, run_id=run_id,
                           event_id=event_id or uuid.uuid4().hex, at=time.time(), service=None,
-                          headers=headers, cause=None)
+                          headers=headers, cause=None, codec=codec)
     for destination in flow.subscribers(event):
         await transport.publish(destination, env)
     return run_id
@@ -149,7 +159,8 @@ class ChoreographedService(Participant):
         flow: the :class:`~sagaway.choreography.Choreography`.
 
     The other keywords are :class:`~sagaway.participant.Participant`'s (prefetch,
-    max_deliveries, dead_letter, relay_interval, outbox_retention, grace), and
+    max_deliveries, dead_letter, relay_interval, outbox_retention, grace, codec — the events
+    it emits are sealed with it —, signer), and
     ``retry_backoff`` / ``max_backoff``: a handler that raised holds its event
     ``retry_backoff * 2**(attempt-1)`` seconds (at most ``max_backoff``) before the broker
     redelivers it; the ``max_deliveries``-th failure dead-letters it at once.
@@ -173,6 +184,8 @@ class ChoreographedService(Participant):
         grace: float | None = DEFAULT_GRACE,
         retry_backoff: float = 0.2,
         max_backoff: float = 10.0,
+        codec: PayloadCodec | bool | None = None,
+        signer: EnvelopeSigner | bool | None = None,
     ) -> None:
         if retry_backoff < 0 or max_backoff < 0:
             raise ValueError("retry_backoff and max_backoff must be >= 0 seconds")
@@ -185,6 +198,7 @@ class ChoreographedService(Participant):
             flow.destination(service), transport, db, prefetch=prefetch,
             max_deliveries=max_deliveries, dead_letter=dead_letter,
             relay_interval=relay_interval, outbox_retention=outbox_retention, grace=grace,
+            codec=codec, signer=signer,
         )
 
     def on(self, event: str, *, emits: str | Sequence[str] | None = None) -> Callable[[F], F]:
@@ -402,7 +416,7 @@ class ChoreographedService(Participant):
             self.flow, event=event, payload=reply.get("payload"),
             run_id=str(reply.get("run_id") or run_id), event_id=str(reply["id"]),
             at=float(reply["at"]), service=self.name, headers=headers,
-            cause=cause.id if cause is not None else None,
+            cause=cause.id if cause is not None else None, codec=self.codec,
         )
         body = env.to_bytes(max_bytes=self.transport.max_message_bytes).decode("utf-8")
         return [(destination, body) for destination in self.flow.subscribers(event)]

@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagaway.choreography.flow import Choreography
 from sagaway.choreography.projection import project, stuck_reason
@@ -54,6 +54,9 @@ from sagaway.participant.core import CommandRejected
 from sagaway.run import HistoryEntry, SagaStatus
 from sagaway.store import open_store
 from sagaway.store.base import NewRun, RunRecord, RunUpdate, Store
+
+if TYPE_CHECKING:
+    from sagaway.protection.codec import PayloadCodec
 
 __all__ = ["Tracker"]
 
@@ -100,6 +103,7 @@ class Tracker:
         prefetch: int = DEFAULT_PREFETCH,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         grace: float | None = DEFAULT_GRACE,
+        codec: PayloadCodec | bool | None = None,
     ) -> None:
         if not flows:
             raise ValueError("a Tracker needs at least one choreography to track")
@@ -110,6 +114,13 @@ class Tracker:
         if len(self.flows) != len(flows):
             raise ValueError("two of the tracked choreographies have the same name")
         self.listeners = tuple(listeners)
+        if codec is None or codec is True:
+            from sagaway.protection.codec import codec_from_env
+
+            codec = codec_from_env()
+        self.codec: PayloadCodec | None = codec or None
+        """Opens the events' sealed payloads (the services' codec; ``SAGAWAY_KEYS`` when
+        None). Give the tracker an EncryptedStore to keep them sealed at rest."""
         self.owner = owner or f"tracker-{socket.gethostname()}-{os.getpid()}"
         self.lease = lease
         self.poll_interval = poll_interval
@@ -205,9 +216,12 @@ class Tracker:
         lock, users = self._locks.get(env.run_id, (asyncio.Lock(), 0))
         self._locks[env.run_id] = (lock, users + 1)
         try:
+            payload = env.payload
+            if self.codec is not None:
+                payload = self.codec.open(payload, aad=f"msg:{env.id}")
             async with lock:
                 await self._project_patiently(flow, env.run_id, env.type, env.id,
-                                              env.payload, env.created_at)
+                                              payload, env.created_at)
         finally:
             lock, users = self._locks[env.run_id]
             if users <= 1:
