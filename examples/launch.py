@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -185,6 +185,28 @@ def stop_all(services: Iterable[Service]) -> None:
 
 
 FINISHED = ("COMPLETED", "COMPENSATED", "FAILED", "RESOLVED")
+
+
+class System:
+    """Services started together and stopped in reverse, with one HTTP client; a subclass
+    sets ``services``, ``client`` (and its ``front``) in ``__init__``."""
+
+    services: list[Service]
+    client: httpx.Client
+
+    def start(self) -> None:
+        start_all(self.services)
+
+    def stop(self) -> None:
+        stop_all(reversed(self.services))
+        self.client.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class SagaFront:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from examples.bank_transfer.bank import ACCOUNTS, CLOSED
-from examples.launch import SagaFront, Service, start_all, stop_all
+from examples.launch import SagaFront, Service, System
 
 __all__ = ["FAILING_TRANSFERS", "BankSystem", "Invariants", "amqp_problem"]
 
@@ -63,7 +63,7 @@ async def amqp_problem(url: str) -> str | None:
     return None
 
 
-class BankSystem:
+class BankSystem(System):
     """Banks ``a`` and ``b`` and the transfer service in ``workdir``, over ``amqp_url``."""
 
     def __init__(
@@ -110,22 +110,11 @@ class BankSystem:
         self.client = httpx.Client(timeout=30.0)
         self.front = SagaFront(self.transfers, "transfers", self.client)
 
-    def start(self) -> None:
-        start_all(self.services)
-
     def stop(self) -> None:
         """Stop the processes and delete this system's queues from the broker."""
-        stop_all(reversed(self.services))
-        self.client.close()
+        super().stop()
         with contextlib.suppress(Exception):
             asyncio.run(self.delete_queues())
-
-    def __enter__(self) -> BankSystem:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     async def delete_queues(self) -> None:
         """Remove this system's queues (and their dead-letter queues) from the broker."""

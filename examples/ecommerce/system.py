@@ -16,7 +16,7 @@ import httpx
 
 from examples.ecommerce.inventory import DEFAULT_STOCK
 from examples.ecommerce.payment import DEFAULT_BALANCES
-from examples.launch import SagaFront, Service, start_all, stop_all
+from examples.launch import SagaFront, Service, System
 
 __all__ = ["FAILING_ORDERS", "TEST_CARD", "EcommerceSystem", "Invariants"]
 
@@ -44,7 +44,7 @@ class Invariants:
         return not self.problems
 
 
-class EcommerceSystem:
+class EcommerceSystem(System):
     """Inventory, payment, shipping and order services in ``workdir`` (SQLite files there,
     unless ``db_urls`` names other databases per service)."""
 
@@ -98,20 +98,6 @@ class EcommerceSystem:
         self.services = [self.inventory, self.payment, self.shipping, self.orders]
         self.client = httpx.Client(timeout=30.0)
         self.front = SagaFront(self.orders, "orders", self.client)
-
-    def start(self) -> None:
-        start_all(self.services)
-
-    def stop(self) -> None:
-        stop_all(reversed(self.services))
-        self.client.close()
-
-    def __enter__(self) -> EcommerceSystem:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def order(self, fail_at: str | None = None, **fields: Any) -> dict[str, Any]:
         """An order's body: a valid one, or one that fails at step ``fail_at``."""

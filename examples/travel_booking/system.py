@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from examples.launch import SagaFront, Service, start_all, stop_all
+from examples.launch import SagaFront, Service, System
 from examples.travel_booking.services import CAPACITY
 
 __all__ = ["FAILING_TRIPS", "KINDS", "Invariants", "TravelSystem"]
@@ -34,7 +34,7 @@ class Invariants:
         return not self.problems
 
 
-class TravelSystem:
+class TravelSystem(System):
     """Flight, hotel, car and agency services in ``workdir`` (SQLite files there unless
     ``db_urls`` names other databases)."""
 
@@ -69,20 +69,6 @@ class TravelSystem:
         self.services = [*self.kinds.values(), self.agency]
         self.client = httpx.Client(timeout=30.0)
         self.front = SagaFront(self.agency, "trips", self.client)
-
-    def start(self) -> None:
-        start_all(self.services)
-
-    def stop(self) -> None:
-        stop_all(reversed(self.services))
-        self.client.close()
-
-    def __enter__(self) -> TravelSystem:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def trip(self, fail_at: str | None = None, **fields: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"traveler": "ada", "flight": "LH400", "hotel": "Ritz",
